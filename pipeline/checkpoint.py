@@ -1,0 +1,175 @@
+"""Self-describing checkpoints, written atomically.
+
+A model checkpoint directory holds everything the predictor needs:
+``model.pdparams`` (weights), ``config.json`` (PaddleNLP model config with
+``id2label``), the tokenizer files, ``pipeline.json`` (label list, text unit,
+max_seq_len, tokenizer class), ``train_config.yaml`` and ``metrics.json``.
+It is built in a temporary sibling directory and renamed into place, so a
+crash mid-write never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import paddle
+
+from .config import TrainConfig, save_config
+
+WEIGHTS_FILE = "model.pdparams"
+META_FILE = "pipeline.json"
+METRICS_FILE = "metrics.json"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+MODEL_CONFIG_FILE = "config.json"
+OPTIMIZER_FILE = "optimizer.pdopt"
+TRAINING_STATE_FILE = "training_state.json"
+FORMAT_VERSION = 1
+REQUIRED_FILES = (WEIGHTS_FILE, META_FILE, MODEL_CONFIG_FILE)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is incomplete or does not fit what is asked of it."""
+
+
+def write_json(path: Path, value) -> None:
+    """Write JSON via a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def float32_state_dict(model: paddle.nn.Layer) -> dict:
+    """The model's weights in float32 (AMP O2 keeps half-precision parameters)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.dtype in (paddle.float16, paddle.bfloat16):
+            tensor = tensor.astype("float32")
+        state[name] = tensor
+    return state
+
+
+def _replace_directory(temporary: Path, target: Path) -> None:
+    """Move a finished directory into place, replacing an older one at ``target``."""
+    previous = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(temporary, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def save_model_checkpoint(directory, model, tokenizer, config: TrainConfig, labels: list[str],
+                          metrics: dict | None = None, extra_files: dict | None = None) -> Path:
+    """Write a complete, self-describing model directory atomically; rank 0 only."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
+    model.config.save_pretrained(str(temporary))
+    tokenizer.save_pretrained(str(temporary))
+    write_json(temporary / META_FILE, {
+        "format_version": FORMAT_VERSION,
+        "labels": list(labels),
+        "text_unit": config.text_unit,
+        "max_seq_len": config.max_seq_len,
+        "tokenizer_class": type(tokenizer).__name__,
+        "model_class": type(model).__name__,
+        "base_model": config.model,
+    })
+    save_config(config, temporary / TRAIN_CONFIG_FILE)
+    write_json(temporary / METRICS_FILE, metrics or {})
+    for name, writer in (extra_files or {}).items():
+        writer(temporary / name)
+    _replace_directory(temporary, target)
+    return target
+
+
+@dataclass
+class InferenceBundle:
+    """What a checkpoint directory describes: a model ready to run, and how to feed it."""
+
+    model: paddle.nn.Layer
+    tokenizer: object
+    labels: list[str]
+    text_unit: str
+    max_seq_len: int
+    meta: dict
+
+
+def read_meta(directory) -> dict:
+    """``pipeline.json`` of a checkpoint, after checking the required files are there."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is missing {missing}; is it a best_model/ directory "
+                              f"written by train_dist.py?")
+    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {directory} has format version {meta.get('format_version')!r}; "
+                              f"this code reads version {FORMAT_VERSION}")
+    return meta
+
+
+def load_weights(model: paddle.nn.Layer, path) -> None:
+    """Load a state dict, failing on any missing, unexpected or mis-shaped weight."""
+    state = paddle.load(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    mismatched = [f"{k}: {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+                  if list(state[k].shape) != list(own[k].shape)]
+    if mismatched:
+        raise CheckpointError(f"{path} does not fit the model (label set or architecture differs): {mismatched[:5]}")
+    model.set_state_dict(state)
+
+
+def load_inference_bundle(directory) -> InferenceBundle:
+    """Rebuild model and tokenizer from a checkpoint directory alone."""
+    import paddlenlp.transformers as transformers
+
+    from .models import token_classifier_from_config_dir
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    labels = meta["labels"]
+    model_config = json.loads((directory / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    saved_labels = model_config.get("id2label")
+    if saved_labels is not None and [saved_labels[str(i)] for i in range(len(saved_labels))] != labels:
+        raise CheckpointError(f"{directory}: the label list in {META_FILE} and id2label in {MODEL_CONFIG_FILE} differ")
+    model = token_classifier_from_config_dir(directory)
+    load_weights(model, directory / WEIGHTS_FILE)
+    model.eval()
+    tokenizer_class = getattr(transformers, meta["tokenizer_class"], None)
+    if tokenizer_class is None:
+        raise CheckpointError(f"{directory}: unknown tokenizer class {meta['tokenizer_class']!r}")
+    tokenizer = tokenizer_class.from_pretrained(str(directory))
+    return InferenceBundle(model, tokenizer, labels, meta["text_unit"], int(meta["max_seq_len"]), meta)
+
+
+def training_state_dir(output_dir, step: int) -> Path:
+    """``checkpoint_dir/checkpoints/step-00000100``: zero-padded so names sort by step."""
+    return Path(output_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def save_training_state(output_dir, model, optimizer, schedule, config: TrainConfig, step: int, epoch: int) -> Path:
+    """Weights, optimiser and schedule state at ``step``, written atomically; rank 0 only."""
+    target = training_state_dir(output_dir, step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
+    paddle.save(optimizer.state_dict(), str(temporary / OPTIMIZER_FILE))
+    write_json(temporary / TRAINING_STATE_FILE, {"step": step, "epoch": epoch, "schedule": schedule.state_dict()})
+    save_config(config, temporary / TRAIN_CONFIG_FILE)
+    _replace_directory(temporary, target)
+    return target

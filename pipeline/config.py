@@ -1,0 +1,237 @@
+"""The one typed training config: defaults, then a YAML file, then ``key=value`` overrides.
+
+Unknown keys, wrong types and impossible values are rejected with the key's
+name before any work starts. The resolved config is saved next to the outputs
+and inside every checkpoint. Names follow PaddleHub's fine-tune API where it
+has one (``epochs``, ``batch_size``, ``checkpoint_dir``, ``compare_metrics``...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+AMP_MODES = ("off", "fp16", "bf16")
+AMP_LEVELS = ("O1", "O2")
+COMPARE_METRICS = ("f1", "precision", "recall")
+DATA_FORMATS = ("auto", "tsv", "conll", "jsonl")
+TAG_SCHEMES = ("auto", "bio", "bioes", "bmes")
+TEXT_UNITS = ("char", "word")
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown, of the wrong type, or has an impossible value."""
+
+
+def _doc(text: str, default):
+    return field(default=default, metadata={"doc": text})
+
+
+def _doc_factory(text: str, factory):
+    return field(default_factory=factory, metadata={"doc": text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved with every checkpoint."""
+
+    # --- model and data ---
+    model: str = _doc("PaddleHub name, PaddleNLP name or local model directory.", "m3e-small")
+    dataset: str = _doc(
+        "'msra_ner' (fetched by `python -m pipeline.assets fetch`) or a directory holding "
+        "train/dev/test files (.tsv, .conll/.txt or .jsonl).",
+        "msra_ner",
+    )
+    train_file: typing.Optional[str] = _doc("Training file; overrides the one found in `dataset`.", None)
+    dev_file: typing.Optional[str] = _doc("Dev file used for model selection; overrides `dataset`'s.", None)
+    test_file: typing.Optional[str] = _doc("Test file evaluated once with the best model; overrides `dataset`'s.", None)
+    data_format: str = _doc("File layout: auto (by extension), tsv, conll or jsonl.", "auto")
+    tag_scheme: str = _doc("Tag scheme of the files: auto, bio, bioes or bmes (converted to BIO).", "auto")
+    labels: typing.Optional[typing.List[str]] = _doc(
+        "BIO label list; default: read from the training data (PaddleHub's order for msra_ner).", None
+    )
+    text_unit: str = _doc("'char': one label per character (Chinese); 'word': per whitespace word.", "char")
+    lower_case: typing.Optional[bool] = _doc("Lower-case text before tokenising; default: the tokenizer's own.", None)
+    max_seq_len: int = _doc("Longest token sequence fed to the model; longer texts are split into windows.", 128)
+    max_train_examples: int = _doc("Use only the first N training sentences (0: all).", 0)
+    max_dev_examples: int = _doc("Use only the first N dev sentences (0: all).", 0)
+    max_test_examples: int = _doc("Use only the first N test sentences (0: all).", 0)
+
+    # --- optimisation ---
+    epochs: int = _doc("Passes over the training data.", 3)
+    max_steps: int = _doc("Stop after this many optimiser steps (0: run all epochs).", 0)
+    batch_size: int = _doc("Sentences (windows) per worker per forward pass.", 32)
+    eval_batch_size: int = _doc("Sentences per worker per evaluation batch.", 64)
+    grad_accum_steps: int = _doc("Forward passes whose gradients are summed before one optimiser step.", 1)
+    learning_rate: float = _doc("Peak learning rate of AdamW.", 5e-5)
+    weight_decay: float = _doc("AdamW weight decay; never applied to biases and norm weights.", 0.01)
+    warmup_ratio: float = _doc("Share of all steps spent warming the learning rate up linearly.", 0.1)
+    max_grad_norm: float = _doc("Clip gradients to this global norm (0: no clipping).", 1.0)
+    seed: int = _doc("Seed for weights of the head, shuffling and dropout (same on every rank).", 42)
+    amp: str = _doc("Automatic mixed precision: off, fp16 (GPU, dynamic loss scaling) or bf16.", "off")
+    amp_level: str = _doc("AMP level: O1 (casts per op) or O2 (parameters cast too).", "O1")
+    init_loss_scaling: float = _doc("Initial loss scale for fp16.", 32768.0)
+
+    # --- evaluation, saving, logging ---
+    eval_interval: int = _doc("Evaluate on dev every N optimiser steps (0: only at the end of each epoch).", 0)
+    compare_metrics: str = _doc("Dev metric that picks the best model: f1, precision or recall.", "f1")
+    early_stopping_patience: int = _doc("Stop after N evaluations without improvement (0: never).", 0)
+    log_interval: int = _doc("Log loss, learning rate and throughput every N optimiser steps.", 10)
+    save_interval: int = _doc("Write a training-state checkpoint every N optimiser steps (0: never).", 0)
+    checkpoint_dir: str = _doc("Where best_model/, checkpoints, metrics and VisualDL logs go.", "outputs/msra_ner")
+    do_test: bool = _doc("After training, evaluate the best model on the test file.", True)
+    use_gpu: bool = _doc("Train on GPU (one per worker; pick them with launch's --gpus).", False)
+    use_vdl: bool = _doc("Write VisualDL scalars under checkpoint_dir/vdl.", True)
+    num_workers: int = _doc("DataLoader worker processes per rank (0: load in the main process).", 0)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject impossible values, naming the key."""
+        positive = ("max_seq_len", "epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_interval")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        non_negative = (
+            "max_train_examples", "max_dev_examples", "max_test_examples", "max_steps", "eval_interval",
+            "early_stopping_patience", "save_interval", "num_workers", "weight_decay", "max_grad_norm",
+        )
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        choices = {
+            "amp": AMP_MODES, "amp_level": AMP_LEVELS, "compare_metrics": COMPARE_METRICS,
+            "data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "text_unit": TEXT_UNITS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_seq_len < 8:
+            raise ConfigError(f"max_seq_len must be >= 8 (room for special tokens and text), got {self.max_seq_len}")
+        if self.amp == "fp16" and not self.use_gpu:
+            raise ConfigError("amp: fp16 needs a GPU (use_gpu: true); on CPU use amp: bf16 or off")
+        if self.init_loss_scaling <= 0:
+            raise ConfigError(f"init_loss_scaling must be > 0, got {self.init_loss_scaling!r}")
+        if not self.model:
+            raise ConfigError("model must name a model or a directory")
+        if self.labels is not None and "O" not in self.labels:
+            raise ConfigError(f"labels must contain 'O', got {self.labels!r}")
+
+    def to_dict(self) -> dict:
+        """Plain dict of every field, for YAML and checkpoints."""
+        return dataclasses.asdict(self)
+
+
+def field_docs() -> dict[str, str]:
+    """One line of documentation per config key."""
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value, annotation):
+    """Check ``value`` against the field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin in (list, typing.List):
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; it is still a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            # YAML reads `model: 123` as an int; a name is still meant.
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {annotation!r} for {key}")  # a bug in this module
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["epochs=2", "labels=[B-X, I-X, O]"]`` -> dict; values are read as YAML."""
+    parsed = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({error})") from None
+    return parsed
+
+
+def _check_keys_and_types(values: dict, source: str) -> dict:
+    """Reject unknown keys and wrong types, naming ``source``; return coerced values."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(hints)}")
+    try:
+        return {key: _coerce(key, value, hints[key]) for key, value in values.items()}
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def build_config(values: dict, source: str = "config") -> TrainConfig:
+    """A validated TrainConfig from a dict; unknown keys are an error naming ``source``."""
+    coerced = _check_keys_and_types(values, source)
+    try:
+        return TrainConfig(**coerced)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated."""
+    values: dict = {}
+    if path is not None:
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
+        # Key and type mistakes are reported against the file or the override that made them.
+        values.update(_check_keys_and_types(loaded, str(path)))
+    values.update(_check_keys_and_types(parse_overrides(list(overrides)), "command-line override"))
+    return build_config(values, source=f"{path} + overrides" if path else "config")
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (readable back by ``load_config``)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,54 @@
+"""CPU thread settings that must be in the environment before Paddle is imported.
+
+Paddle's CPU build uses Intel MKL, which takes a slow code path on AMD
+processors unless ``MKL_DEBUG_CPU_TYPE=5`` is set, and runs one thread per
+process unless told otherwise (see ENVIRONMENT.md: 25 -> 131 GFLOP/s on this
+machine). Each local worker gets its share of the cores so that two workers
+under ``paddle.distributed.launch`` do not fight over them.
+
+This module must not import Paddle: it exists to run before Paddle does.
+"""
+from __future__ import annotations
+
+import os
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLAGS_paddle_num_threads")
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def local_worker_count(environ=os.environ) -> int:
+    """Processes on this node, as Paddle's launcher announces it (1 outside the launcher)."""
+    return max(1, int(environ.get("PADDLE_LOCAL_SIZE") or environ.get("PADDLE_TRAINERS_NUM") or 1))
+
+
+def cpu_thread_settings(environ=os.environ, cpu_count: int | None = None, vendor: str | None = None) -> dict:
+    """Variables to set: this worker's share of cores, plus MKL's fast path on AMD."""
+    if cpu_count is None:
+        # The affinity mask, not the machine's core count: a scheduler may give us fewer.
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cpu_count // local_worker_count(environ))
+    settings = {name: str(threads) for name in THREAD_VARIABLES}
+    # Only on AMD: on an Intel CPU with AVX-512 this would force a slower path.
+    if (vendor if vendor is not None else _cpu_vendor()) == "AuthenticAMD":
+        settings["MKL_DEBUG_CPU_TYPE"] = "5"
+    return settings
+
+
+def apply_cpu_thread_settings(environ=os.environ) -> dict:
+    """Set the thread variables the user has not set; return what was applied."""
+    applied = {}
+    for name, value in cpu_thread_settings(environ).items():
+        if name not in environ:  # the user's own setting always wins
+            environ[name] = value
+            applied[name] = value
+    return applied

@@ -1,0 +1,107 @@
+"""Everything distributed, in one place: the only module that imports ``paddle.distributed``.
+
+Every helper also works in a single process with no process group (rank 0 of
+a world of 1), so the same training code runs under ``python train_dist.py``
+and under ``python -m paddle.distributed.launch``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+
+def launched_world_size() -> int:
+    """World size announced by Paddle's launcher (1 when run directly)."""
+    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+
+
+def init_distributed() -> None:
+    """Join the process group when started by the launcher with more than one worker."""
+    if launched_world_size() > 1 and not is_initialized():
+        dist.init_parallel_env()
+
+
+def is_initialized() -> bool:
+    """Whether a process group with more than one worker exists."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_world_size() -> int:
+    """Number of workers (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def get_rank() -> int:
+    """Global rank of this worker (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0, the only rank with side effects (files, logs, bars)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; follows every rank-0 write that other ranks may read."""
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """Sum a numeric array over all ranks (identity in one process)."""
+    if not is_initialized():
+        return np.asarray(values)
+    tensor = paddle.to_tensor(np.asarray(values))
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.numpy()
+
+
+def all_reduce_max(values: np.ndarray) -> np.ndarray:
+    """Element-wise maximum over all ranks (identity in one process)."""
+    if not is_initialized():
+        return np.asarray(values)
+    tensor = paddle.to_tensor(np.asarray(values))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.numpy()
+
+
+def broadcast_parameters(model: paddle.nn.Layer, src: int = 0) -> None:
+    """Copy every parameter and buffer from rank ``src`` to all ranks.
+
+    Used after rank 0 alone reads the best model from disk, so that other
+    nodes never need to see a file that may exist only on rank 0's node.
+    """
+    if not is_initialized():
+        return
+    with paddle.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor, src=src)
+
+
+def wrap_for_training(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    """``paddle.DataParallel`` around the model when there are several workers."""
+    return paddle.DataParallel(model) if is_initialized() else model
+
+
+def no_gradient_sync(wrapped: paddle.nn.Layer):
+    """Context in which backward skips the gradient all-reduce (accumulation steps)."""
+    if isinstance(wrapped, paddle.DataParallel):
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def shard_indices(count: int, rank: int | None = None, world_size: int | None = None) -> list[int]:
+    """This rank's share of ``range(count)``, strided, with no padding and no repeats.
+
+    Unlike ``DistributedBatchSampler``, which pads so that every rank gets the
+    same number of batches, evaluation must see each example exactly once;
+    ranks may then run different numbers of batches, which is safe because
+    evaluation runs no collective until the final count reduction.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    return list(range(rank, count, world_size))

@@ -1,0 +1,335 @@
+"""The training loop: data-parallel fine-tuning with AMP, evaluation, best-model selection.
+
+Rank 0 owns every side effect (files, VisualDL, progress bars); collectives
+(evaluation's count reduction, barriers) run on every rank in the same order.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle.io import DataLoader, Dataset, DistributedBatchSampler
+from tqdm import tqdm
+
+from . import dist
+from .checkpoint import METRICS_FILE, load_weights, save_model_checkpoint, save_training_state, write_json
+from .config import TrainConfig, save_config
+from .data import IGNORE_INDEX, Aligner, DataSplits, TrainingCollator, build_training_features
+from .evaluation import evaluate
+from .inference import TokenLabeller
+from .models import token_logits
+from .optim import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+BEST_MODEL_DIR = "best_model"
+TEST_METRICS_FILE = "test_metrics.json"
+DEV_HISTORY_FILE = "dev_metrics.jsonl"
+
+
+class FeatureDataset(Dataset):
+    """Training windows held in memory: tokenised once, before the first step."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def __getitem__(self, index):
+        return self.features[index]
+
+    def __len__(self):
+        return len(self.features)
+
+
+@dataclass
+class TrainingResult:
+    """What ``fit`` ends with."""
+
+    global_step: int
+    best_metric: float | None
+    best_dev: dict | None
+    test: dict | None
+    stopped_early: bool = False
+    history: list = field(default_factory=list)
+
+
+class AmpPolicy:
+    """Autocast context, optional O2 decoration and the fp16 loss scaler, from the config."""
+
+    def __init__(self, config: TrainConfig):
+        self.enabled = config.amp != "off"
+        self.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(config.amp, "float32")
+        self.level = config.amp_level
+        # Only fp16 needs loss scaling: bf16 has float32's exponent range.
+        self.scaler = paddle.amp.GradScaler(init_loss_scaling=config.init_loss_scaling) if config.amp == "fp16" else None
+
+    def decorate(self, model, optimizer):
+        """Cast parameters for O2 (keeping float32 master weights in the optimizer)."""
+        if self.enabled and self.level == "O2":
+            return paddle.amp.decorate(models=model, optimizers=optimizer, level="O2", dtype=self.dtype)
+        return model, optimizer
+
+    def autocast(self):
+        """Context for forward passes, in training and evaluation alike."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(enable=True, level=self.level, dtype=self.dtype)
+
+    def backward(self, loss):
+        """Backward of the (scaled, for fp16) loss."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer):
+        """Optimiser step; with fp16 the scaler unscales, skips on Inf/NaN and adapts the scale."""
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+class AutocastLabeller(TokenLabeller):
+    """A TokenLabeller whose forward passes run under the training AMP policy (needed for O2)."""
+
+    def __init__(self, *args, amp: AmpPolicy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.amp = amp
+
+    def _predict_windows(self, windows):
+        with self.amp.autocast():
+            return super()._predict_windows(windows)
+
+
+class Trainer:
+    """Fits a token classifier on ``splits.train``, selects on dev, tests the best model."""
+
+    def __init__(self, config: TrainConfig, model, tokenizer, splits: DataSplits):
+        self.config = config
+        self.model = model  # the bare model: evaluation and saving never go through DataParallel
+        self.tokenizer = tokenizer
+        self.splits = splits
+        self.labels = splits.labels
+        self.output_dir = Path(config.checkpoint_dir)
+        self.best_dir = self.output_dir / BEST_MODEL_DIR
+        self.aligner = Aligner(tokenizer, config.max_seq_len)
+        self.amp = AmpPolicy(config)
+        self.is_main = dist.is_main_process()
+        self.writer = None
+
+    # ------------------------------------------------------------ setup
+
+    def _build_loader(self):
+        features, stats = build_training_features(self.splits.train, self.aligner, self.labels)
+        if self.is_main:
+            logger.info("train features: %d windows from %d sentences (%d split because longer than "
+                        "max_seq_len=%d), %d word pieces, %d [UNK], %d tokens without any piece %s",
+                        stats.windows, stats.examples, stats.split_examples, self.config.max_seq_len,
+                        stats.pieces, stats.unknown_pieces, stats.tokens_without_pieces,
+                        dict(stats.no_piece_characters.most_common(5)))
+        dataset = FeatureDataset(features)
+        # Shuffles with the epoch as seed (set_epoch), identically on every rank, then shards.
+        sampler = DistributedBatchSampler(dataset, batch_size=self.config.batch_size, shuffle=True, drop_last=False)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=TrainingCollator(self.aligner.pad_id),
+                            num_workers=self.config.num_workers, return_list=True)
+        return sampler, loader
+
+    def _open_writer(self):
+        if self.is_main and self.config.use_vdl:
+            from visualdl import LogWriter
+
+            self.writer = LogWriter(logdir=str(self.output_dir / "vdl"))
+
+    def _log_scalars(self, values: dict, step: int):
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(tag=key, value=float(value), step=step)
+
+    def labeller(self) -> TokenLabeller:
+        """The evaluation engine over the bare model, under the training AMP policy."""
+        return AutocastLabeller(self.model, self.aligner, self.labels, self.config.eval_batch_size, amp=self.amp)
+
+    # ------------------------------------------------------------ evaluation and saving
+
+    def evaluate_split(self, examples, name: str) -> dict:
+        """Exact P/R/F1 summary on a split (collective: every rank calls it)."""
+        counts = evaluate(self.labeller(), examples, description=name)
+        return counts.summary()
+
+    def _save_best(self, summary: dict, step: int):
+        """Rank 0 writes best_model/ atomically; every rank then waits, so nobody reads half of it."""
+        if self.is_main:
+            save_model_checkpoint(self.best_dir, self.model, self.tokenizer, self.config, self.labels,
+                                  metrics={"step": step, "dev": summary})
+            logger.info("step %d: new best dev %s=%.4f, saved to %s", step, self.config.compare_metrics,
+                        summary[self.config.compare_metrics], self.best_dir)
+        dist.barrier()
+
+    def _load_best(self):
+        """Rank 0 reads best_model/ and broadcasts it: other nodes may not share its disk."""
+        if self.is_main:
+            load_weights(self.model, self.best_dir / "model.pdparams")
+        dist.broadcast_parameters(self.model, src=0)
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainingResult:
+        """Train, evaluating on dev every ``eval_interval`` steps and at each epoch end."""
+        config = self.config
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "train_config.yaml")
+        sampler, loader = self._build_loader()
+        batches_per_epoch = len(loader)
+        steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
+        total_steps = config.max_steps or steps_per_epoch * config.epochs
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        optimizer, schedule = build_optimizer(config, self.model, total_steps)
+        self.model, optimizer = self.amp.decorate(self.model, optimizer)
+        wrapped = dist.wrap_for_training(self.model)
+        self._open_writer()
+        if self.is_main:
+            logger.info("training: %d workers x batch %d x accumulation %d; %d steps (%d epochs of %d steps)",
+                        dist.get_world_size(), config.batch_size, config.grad_accum_steps, total_steps,
+                        epochs, steps_per_epoch)
+
+        step, best_metric, best_dev, evals_without_gain = 0, None, None, 0
+        history, stopped_early = [], False
+        window = _Window()
+        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not self.is_main, mininterval=2)
+
+        def run_evaluation() -> bool:
+            """Evaluate on dev, maybe save the best model; True when early stopping says stop."""
+            nonlocal best_metric, best_dev, evals_without_gain
+            summary = self.evaluate_split(self.splits.dev, "dev")
+            metric = summary[config.compare_metrics]
+            record = {"step": step, **{k: v for k, v in summary.items() if k != "per_type"},
+                      "per_type": summary["per_type"]}
+            history.append(record)
+            if self.is_main:
+                logger.info("step %d dev: precision %.4f recall %.4f f1 %.4f", step, summary["precision"],
+                            summary["recall"], summary["f1"])
+                self._log_scalars({f"eval/{k}": summary[k] for k in ("precision", "recall", "f1")}, step)
+                with open(self.output_dir / DEV_HISTORY_FILE, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            # Every rank holds the same reduced metric, so they all take the same branch.
+            if best_metric is None or metric > best_metric:
+                best_metric, best_dev, evals_without_gain = metric, summary, 0
+                self._save_best(summary, step)
+            else:
+                evals_without_gain += 1
+            return bool(config.early_stopping_patience) and evals_without_gain >= config.early_stopping_patience
+
+        wrapped.train()
+        done = False
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            evaluated_at = None
+            for batch_index, (input_ids, label_ids) in enumerate(loader):
+                boundary = (batch_index + 1) % config.grad_accum_steps == 0 or batch_index + 1 == batches_per_epoch
+                # Gradients are all-reduced only on the micro-batch that ends an accumulation group.
+                sync = contextlib.nullcontext() if boundary else dist.no_gradient_sync(wrapped)
+                with sync:
+                    with self.amp.autocast():
+                        logits = token_logits(wrapped, input_ids)
+                    loss = F.cross_entropy(logits.astype("float32").reshape([-1, logits.shape[-1]]),
+                                           label_ids.reshape([-1]), ignore_index=IGNORE_INDEX)
+                    self.amp.backward(loss / config.grad_accum_steps)
+                window.add(loss.detach(), (input_ids != self.aligner.pad_id).astype("int64").sum(),
+                           input_ids.size)
+                if not boundary:
+                    continue
+                self.amp.step(optimizer)
+                optimizer.clear_grad()
+                schedule.step()
+                step += 1
+                bar.update(1)
+                if step % config.log_interval == 0:
+                    self._log_training(window, step, schedule.get_lr(), bar)
+                if config.save_interval and step % config.save_interval == 0 and self.is_main:
+                    save_training_state(self.output_dir, self.model, optimizer, schedule, config, step, epoch)
+                if config.eval_interval and step % config.eval_interval == 0:
+                    evaluated_at = step
+                    if run_evaluation():
+                        stopped_early = done = True
+                if step >= total_steps:
+                    done = True
+                if done:
+                    break
+            if evaluated_at != step and not stopped_early:
+                if run_evaluation():
+                    stopped_early = done = True
+            if done:
+                break
+        bar.close()
+        if stopped_early and self.is_main:
+            logger.info("early stopping at step %d: %d evaluations without improvement", step, evals_without_gain)
+
+        test_summary = None
+        if self.splits.test is not None:
+            self._load_best()
+            test_summary = self.evaluate_split(self.splits.test, "test")
+            if self.is_main:
+                logger.info("test (best model): precision %.4f recall %.4f f1 %.4f", test_summary["precision"],
+                            test_summary["recall"], test_summary["f1"])
+                write_json(self.output_dir / TEST_METRICS_FILE, {"step": best_step(history, best_metric,
+                                                                                    config.compare_metrics),
+                                                                 "test": test_summary})
+                metrics_path = self.best_dir / METRICS_FILE
+                metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+                write_json(metrics_path, {**metrics, "test": test_summary})
+                self._log_scalars({f"test/{k}": test_summary[k] for k in ("precision", "recall", "f1")}, step)
+            dist.barrier()
+        if self.writer is not None:
+            self.writer.close()
+        return TrainingResult(step, best_metric, best_dev, test_summary, stopped_early, history)
+
+    def _log_training(self, window: "_Window", step: int, learning_rate: float, bar):
+        # Summed over ranks so the figures describe the whole job; every rank reaches this at the same step.
+        loss_sum, batches, real_tokens, computed_tokens, seconds = window.drain()
+        totals = dist.all_reduce_sum(np.array([loss_sum, batches, real_tokens, computed_tokens], dtype=np.float64))
+        seconds = float(dist.all_reduce_max(np.array([seconds], dtype=np.float64))[0])
+        loss = totals[0] / max(totals[1], 1)
+        tokens_per_second = totals[2] / max(seconds, 1e-9)
+        padding = 1 - totals[2] / max(totals[3], 1)
+        if self.is_main:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_second:.0f}")
+            logger.info("step %d: loss %.4f, lr %.3e, %.0f real tokens/s, padding %.1f%%", step, loss,
+                        learning_rate, tokens_per_second, 100 * padding)
+            self._log_scalars({"train/loss": loss, "train/lr": learning_rate,
+                               "train/tokens_per_second": tokens_per_second, "train/padding": padding}, step)
+
+
+def best_step(history: list, best_metric, key: str):
+    """Step of the first evaluation that reached the best metric."""
+    return next((record["step"] for record in history if record[key] == best_metric), None)
+
+
+class _Window:
+    """Loss and token counts since the last log line, kept on the device until read."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.loss, self.real_tokens, self.batches, self.computed, self.started = None, None, 0, 0, time.perf_counter()
+
+    def add(self, loss, real_tokens, computed_tokens: int):
+        self.loss = loss if self.loss is None else self.loss + loss
+        self.real_tokens = real_tokens if self.real_tokens is None else self.real_tokens + real_tokens
+        self.batches += 1
+        self.computed += int(computed_tokens)
+
+    def drain(self):
+        """Read and reset: one host-device sync per log line, not per step."""
+        values = (float(self.loss) if self.loss is not None else 0.0, self.batches,
+                  int(self.real_tokens) if self.real_tokens is not None else 0, self.computed,
+                  time.perf_counter() - self.started)
+        self._reset()
+        return values

@@ -1,0 +1,125 @@
+"""Batch NER prediction from a saved checkpoint directory.
+
+    python predict.py --checkpoint outputs/msra_ner/best_model --input texts.txt --output out.jsonl
+
+Input: plain text (one text per line), JSONL with a "text" field (by the .jsonl
+extension or --input_format jsonl), or '-' for standard input. Output: one JSON
+line per input line, in order: {"text", "labels" (one per character), "entities"}.
+Bytes that are not UTF-8 are replaced with U+FFFD and reported with their line
+numbers on standard error; such a line is still predicted, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.cpu_env import apply_cpu_thread_settings
+
+CHUNK_LINES = 512  # lines read, predicted and written at a time: memory stays flat for any input size
+
+
+class InputError(ValueError):
+    """An input line that cannot be used, named by its line number."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a best_model/ directory written by train_dist.py")
+    parser.add_argument("--input", required=True, help="text or JSONL file, or - for standard input")
+    parser.add_argument("--output", default="-", help="JSONL file to write, or - for standard output")
+    parser.add_argument("--input_format", choices=("auto", "text", "jsonl"), default="auto")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_seq_len", type=int, default=None,
+                        help="window length in tokens (default: the training one); longer texts are windowed")
+    parser.add_argument("--use_gpu", action="store_true")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    if args.max_seq_len is not None and args.max_seq_len < 8:
+        parser.error("--max_seq_len must be >= 8")
+    return args
+
+
+def read_texts(lines, input_format: str, source: str):
+    """Yield ``(line_number, text, had_bad_bytes)`` for every input line, in order."""
+    for number, raw in enumerate(lines, start=1):
+        text = raw.decode("utf-8", errors="replace")
+        bad_bytes = "\ufffd" in text and "\ufffd" not in raw.decode("utf-8", errors="ignore")
+        text = text.rstrip("\r\n")
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        if input_format == "jsonl":
+            try:
+                record = json.loads(text) if text.strip() else {"text": ""}
+            except json.JSONDecodeError as error:
+                raise InputError(f"{source}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise InputError(f'{source}:{number}: expected an object with a string "text" field')
+            text = record["text"]
+        yield number, text, bad_bytes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.use_gpu:
+        apply_cpu_thread_settings()  # before Paddle is imported
+    from tqdm import tqdm
+
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.inference import Predictor
+
+    input_format = args.input_format
+    if input_format == "auto":
+        input_format = "jsonl" if args.input.endswith(".jsonl") else "text"
+    if args.input != "-" and not Path(args.input).is_file():
+        print(f"error: input file {args.input} does not exist", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.batch_size, args.max_seq_len, args.use_gpu)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    source = "<stdin>" if args.input == "-" else args.input
+    in_stream = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
+    out_stream = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    replaced_lines, written = [], 0
+    progress = tqdm(desc="predict", unit="line", disable=args.output == "-", mininterval=2)
+    try:
+        chunk = []
+
+        def flush():
+            nonlocal written
+            for result in predictor.predict([text for _, text in chunk]):
+                out_stream.write(json.dumps(result, ensure_ascii=False) + "\n")
+            written += len(chunk)
+            progress.update(len(chunk))
+            chunk.clear()
+
+        for number, text, bad_bytes in read_texts(in_stream, input_format, source):
+            if bad_bytes:
+                replaced_lines.append(number)
+            chunk.append((number, text))
+            if len(chunk) >= CHUNK_LINES:
+                flush()
+        flush()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        progress.close()
+        if out_stream is not sys.stdout:
+            out_stream.close()
+        if in_stream is not sys.stdin.buffer:
+            in_stream.close()
+    if replaced_lines:
+        print(f"warning: {len(replaced_lines)} line(s) held bytes that are not UTF-8, replaced with U+FFFD: "
+              f"lines {replaced_lines[:20]}{' ...' if len(replaced_lines) > 20 else ''}", file=sys.stderr)
+    print(f"predicted {written} line(s) -> {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Fine-tune an encoder for NER: data-parallel, AMP, best model on dev, test at the end.
+
+    python train_dist.py --config configs/msra_m3e_small_quick.yaml [key=value ...]
+    python -m paddle.distributed.launch --nproc_per_node 2 train_dist.py --config ...   # CPU workers
+    python -m paddle.distributed.launch --gpus 0,1 train_dist.py --config ... use_gpu=true
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.config import ConfigError, field_docs, load_config
+from pipeline.cpu_env import apply_cpu_thread_settings
+
+logger = logging.getLogger("train_dist")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=2")
+    parser.add_argument("--list-keys", action="store_true", help="print every config key with its meaning")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list_keys:
+        for key, doc in field_docs().items():
+            print(f"{key:24} {doc}")
+        return 0
+    try:
+        config = load_config(args.config, args.overrides)  # before Paddle loads: bad configs fail in a second
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not config.use_gpu:
+        apply_cpu_thread_settings()  # must precede the first `import paddle`
+
+    from pipeline import dist
+    from pipeline.assets import AssetError
+    from pipeline.data import DataError, load_splits
+    from pipeline.models import (ModelUnavailableError, build_token_classifier, build_tokenizer,
+                                 check_weights_available, resolve_model)
+    from pipeline.runtime import set_device, set_seed, setup_logging
+    from pipeline.trainer import Trainer
+
+    try:
+        set_device(config.use_gpu)
+        dist.init_distributed()
+        setup_logging()
+        # Data and model availability are checked before anything slow (tokenising, building the model).
+        splits = load_splits(config)
+        spec = resolve_model(config.model)
+        check_weights_available(spec)
+    except (DataError, ModelUnavailableError, AssetError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    set_seed(config.seed)  # same seed on every rank: identical head initialisation
+    tokenizer = build_tokenizer(spec, config.lower_case)
+    model = build_token_classifier(spec, splits.labels)
+    # Dropout should differ between ranks, as their batches do.
+    set_seed(config.seed + dist.get_rank())
+    result = Trainer(config, model, tokenizer, splits).fit()
+    if dist.is_main_process():
+        print(json.dumps({"global_step": result.global_step, "best_dev": result.best_dev and {
+            k: result.best_dev[k] for k in ("precision", "recall", "f1")},
+            "test": result.test and {k: result.test[k] for k in ("precision", "recall", "f1")},
+            "best_model": f"{config.checkpoint_dir}/best_model"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
