@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import MSRA_LABELS, OUTSIDE, TagError, bio_labels_for_types, detect_scheme, entity_types, to_bio
+from .labels import (MSRA_LABELS, OUTSIDE, TagError, bio_labels_for_types, detect_scheme, entity_types, split_tag,
+                     to_bio)
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +161,20 @@ def read_examples(path, data_format: str = "auto", tag_scheme: str = "auto") -> 
         raw.append((number, tokens, tags))
     if not raw:
         raise DataError(path, None, "file holds no sentences")
+    first_line_of_prefix: dict[str, int] = {}
+    for number, _, tags in raw:
+        for tag in tags:
+            try:
+                prefix, _ = split_tag(tag)
+            except TagError as error:
+                raise DataError(path, number, str(error)) from None
+            first_line_of_prefix.setdefault(prefix, number)
     if tag_scheme == "auto":
         try:
             tag_scheme = detect_scheme(tag for _, _, tags in raw for tag in tags)
         except TagError as error:
-            raise DataError(path, None, str(error)) from None
+            where = ", ".join(f"{p!r} first on line {n}" for p, n in sorted(first_line_of_prefix.items()))
+            raise DataError(path, None, f"{error} ({where})") from None
     examples = []
     for number, tokens, tags in raw:
         try:

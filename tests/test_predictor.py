@@ -1,0 +1,115 @@
+"""Predictor: order, lengths, entity slices, long-text windows, and the checkpoint round trip."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+from pipeline.config import TrainConfig
+from pipeline.data import Aligner
+from pipeline.inference import Predictor, TokenLabeller, character_labels, entities_of, split_text
+from pipeline.labels import MSRA_LABELS
+
+
+class PerTokenModel(paddle.nn.Layer):
+    """Logits that depend on the token id alone: windowing must not change any prediction."""
+
+    def __init__(self, vocab_size: int, num_labels: int, seed: int = 0):
+        super().__init__()
+        self.table = paddle.nn.Embedding(vocab_size, num_labels)
+        rng = np.random.default_rng(seed)
+        self.table.weight.set_value(rng.normal(size=(vocab_size, num_labels)).astype("float32"))
+
+    def forward(self, input_ids, token_type_ids=None, **unused):
+        return self.table(input_ids)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from paddlenlp.transformers import BertTokenizer
+
+    return BertTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def test_windowed_prediction_equals_whole_prediction(tokenizer):
+    model = PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS))
+    text = "张三在北京工作 2022年访问nasa😀，" * 40  # 800 characters, spaces and emoji included
+    whole = TokenLabeller(model, Aligner(tokenizer, 1024), MSRA_LABELS).label([list(text)])[0]
+    short = Aligner(tokenizer, 16)
+    windowed = TokenLabeller(model, short, MSRA_LABELS).label([list(text)])[0]
+    assert len(short.windows(list(text), overlap=3)) > 50
+    assert windowed == whole and len(windowed) == len(text)
+
+
+def test_word_mode_spreads_labels_over_characters():
+    text = "Mr  Peter Blackburn visited New York."
+    units = split_text(text, "word")
+    assert units.tokens == ["Mr", "Peter", "Blackburn", "visited", "New", "York."]
+    labels = character_labels(text, units, ["O", "B-PER", "I-PER", "O", "B-LOC", "I-LOC"])
+    assert len(labels) == len(text)
+    assert [(e["type"], e["text"]) for e in entities_of(text, labels)] == [("PER", "Peter Blackburn"),
+                                                                          ("LOC", "New York.")]
+
+
+def test_adjacent_entities_of_one_type_are_not_merged():
+    text = "张三李四"
+    entities = entities_of(text, ["B-PER", "I-PER", "B-PER", "I-PER"])
+    assert [e["text"] for e in entities] == ["张三", "李四"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory, tiny_model_dir, tokenizer):
+    from pipeline.checkpoint import save_model_checkpoint
+    from pipeline.models import build_token_classifier, resolve_model
+
+    paddle.seed(1)
+    model = build_token_classifier(resolve_model(str(tiny_model_dir)), MSRA_LABELS)
+    config = TrainConfig(model=str(tiny_model_dir), max_seq_len=32)
+    directory = tmp_path_factory.mktemp("ckpt") / "best_model"
+    save_model_checkpoint(directory, model, tokenizer, config, MSRA_LABELS, metrics={"dev": {"f1": 0.5}})
+    return directory
+
+
+def test_checkpoint_is_self_describing(checkpoint_dir):
+    names = {p.name for p in checkpoint_dir.iterdir()}
+    assert {"model.pdparams", "config.json", "vocab.txt", "pipeline.json", "train_config.yaml",
+            "metrics.json"} <= names
+    meta = json.loads((checkpoint_dir / "pipeline.json").read_text())
+    assert meta["labels"] == MSRA_LABELS and meta["max_seq_len"] == 32
+    id2label = json.loads((checkpoint_dir / "config.json").read_text())["id2label"]
+    assert [id2label[str(i)] for i in range(len(MSRA_LABELS))] == MSRA_LABELS
+    assert not list(checkpoint_dir.parent.glob(".*tmp*")), "temporary directory left behind"
+
+
+def test_predictor_output_matches_input(checkpoint_dir):
+    predictor = Predictor.from_checkpoint(checkpoint_dir, batch_size=4)
+    texts = ["张三在北京工作。", "", "   ", "NASA 2022年", "李四\u3000去上海😀", "x" * 300, "王小明"]
+    results = predictor.predict(texts)
+    assert [r["text"] for r in results] == texts
+    for result in results:
+        assert len(result["labels"]) == len(result["text"])
+        assert all(label in MSRA_LABELS for label in result["labels"])
+        for entity in result["entities"]:
+            assert entity["text"] == result["text"][entity["start"]:entity["end"]]
+            assert entity["type"] in ("PER", "ORG", "LOC")
+
+
+def test_predictor_rejects_incomplete_or_mismatched_checkpoints(checkpoint_dir, tmp_path):
+    import shutil
+
+    from pipeline.checkpoint import CheckpointError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint_dir, broken)
+    (broken / "model.pdparams").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        Predictor.from_checkpoint(broken)
+    other_labels = tmp_path / "other"
+    shutil.copytree(checkpoint_dir, other_labels)
+    meta = json.loads((other_labels / "pipeline.json").read_text())
+    meta["labels"] = ["B-X", "I-X", "O"]
+    (other_labels / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="label"):
+        Predictor.from_checkpoint(other_labels)

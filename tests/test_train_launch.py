@@ -1,0 +1,100 @@
+"""The real entry points: plain `python train_dist.py`, then two CPU workers under
+`paddle.distributed.launch`, then `predict.py` on the checkpoint they saved."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import read_examples
+from pipeline.labels import bio_spans
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 600
+
+
+def clean_env() -> dict:
+    env = dict(os.environ)
+    # Any CUDA_VISIBLE_DEVICES, even empty, makes the launcher assume GPUs.
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLAGS_paddle_num_threads"):
+        env.pop(name, None)  # let the entry point choose per worker, as it does for users
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def overrides(model_dir, data_dir, out_dir, **extra) -> list[str]:
+    values = dict(model=str(model_dir), dataset=str(data_dir), checkpoint_dir=str(out_dir), max_seq_len=32,
+                  batch_size=8, eval_batch_size=8, max_steps=4, eval_interval=2, log_interval=1,
+                  learning_rate=1e-3, warmup_ratio=0.0, use_vdl=True)
+    values.update(extra)
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+
+
+def gold_entity_count(path: Path) -> int:
+    examples, _ = read_examples(path)
+    return sum(len(bio_spans(e.labels)) for e in examples)
+
+
+def run(command, log_hint: Path | None = None):
+    result = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    if result.returncode != 0:
+        logs = ""
+        if log_hint is not None and log_hint.is_dir():
+            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(log_hint.glob("workerlog.*")))
+        pytest.fail(f"{command} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n"
+                    f"stderr:\n{result.stderr[-3000:]}\n{logs}")
+    return result
+
+
+def assert_complete_run(out_dir: Path, data_dir: Path, evaluations: int):
+    best = out_dir / "best_model"
+    for name in ("model.pdparams", "config.json", "vocab.txt", "pipeline.json", "train_config.yaml", "metrics.json"):
+        assert (best / name).is_file(), f"best_model/{name} missing"
+    metrics = json.loads((best / "metrics.json").read_text())
+    # Every dev and test entity is counted exactly once, however many ranks shared the work.
+    assert metrics["dev"]["num_gold"] == gold_entity_count(data_dir / "dev.tsv")
+    assert metrics["test"]["num_gold"] == gold_entity_count(data_dir / "test.tsv")
+    assert json.loads((out_dir / "test_metrics.json").read_text())["test"] == metrics["test"]
+    history = [json.loads(line) for line in (out_dir / "dev_metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in history] == [2 * (i + 1) for i in range(evaluations)]
+    assert list((out_dir / "vdl").iterdir()), "no VisualDL log written"
+    import paddle
+
+    state = paddle.load(str(best / "model.pdparams"))
+    assert any(name.endswith("classifier.weight") for name in state)
+    return metrics
+
+
+@pytest.mark.slow
+def test_single_process_training(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    out_dir = tmp_path / "single"
+    result = run([sys.executable, "train_dist.py", *overrides(tiny_model_dir, tiny_dataset_dir, out_dir)])
+    assert_complete_run(out_dir, tiny_dataset_dir, evaluations=2)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_two_worker_launch_then_predict(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    out_dir, log_dir = tmp_path / "dist", tmp_path / "logs"
+    run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
+         "train_dist.py", *overrides(tiny_model_dir, tiny_dataset_dir, out_dir)], log_hint=log_dir)
+    assert_complete_run(out_dir, tiny_dataset_dir, evaluations=2)
+    worker_logs = {p.name: p.read_text() for p in log_dir.glob("workerlog.*")}
+    assert set(worker_logs) == {"workerlog.0", "workerlog.1"}
+    assert "[rank 0]" in worker_logs["workerlog.0"] and "test (best model)" in worker_logs["workerlog.0"]
+    # Only rank 0 wrote: rank 1's log holds no 'saved to' line.
+    assert "saved to" not in worker_logs["workerlog.1"]
+
+    texts = ["张三在北京工作。", "", "李四去上海 2022年", "x" * 200]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    run([sys.executable, "predict.py", "--checkpoint", str(out_dir / "best_model"), "--input",
+         str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.jsonl"), "--batch_size", "2"])
+    results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in results] == texts
+    assert all(len(r["labels"]) == len(r["text"]) for r in results)
