@@ -1,0 +1,40 @@
+"""Evaluation over shards: every example counted once, sums equal the single-process count."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline import dist, evaluation
+from pipeline.data import Aligner, read_examples
+from pipeline.inference import TokenLabeller
+from pipeline.labels import MSRA_LABELS
+from pipeline.metrics import EntityCounts
+
+from test_predictor import PerTokenModel
+
+
+@pytest.mark.parametrize("count, world", [(0, 2), (1, 2), (7, 2), (24, 2), (10, 3)])
+def test_shards_cover_every_example_exactly_once(count, world):
+    shards = [dist.shard_indices(count, rank, world) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(count))
+
+
+def test_two_rank_evaluation_sums_to_the_single_process_counts(tiny_model_dir, tiny_dataset_dir, monkeypatch):
+    from paddlenlp.transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(str(tiny_model_dir))
+    examples, _ = read_examples(tiny_dataset_dir / "dev.tsv")
+    examples = examples[:23]  # odd, so a padding sampler would have to repeat one
+    labeller = TokenLabeller(PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS), seed=3),
+                             Aligner(tokenizer, 32), MSRA_LABELS, batch_size=4)
+    whole = evaluation.evaluate(labeller, examples, show_progress=False)
+
+    shard_counts = []
+    for rank in range(2):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        shard_counts.append(evaluation.evaluate(labeller, examples, show_progress=False))
+    summed = shard_counts[0] + shard_counts[1]
+    assert summed == whole
+    assert summed.summary()["num_gold"] == sum(
+        len([t for t in e.labels if t.startswith("B-")]) for e in examples)
+    assert isinstance(whole, EntityCounts) and whole.summary()["num_predicted"] > 0
