@@ -65,6 +65,9 @@ class TrainConfig:
     max_steps: int = _doc("Stop after this many optimiser steps (0: run all epochs).", 0)
     batch_size: int = _doc("Sentences (windows) per worker per forward pass.", 32)
     eval_batch_size: int = _doc("Sentences per worker per evaluation batch.", 64)
+    group_by_length: bool = _doc(
+        "Batch sentences of similar length (shuffled anew every epoch) so that little of each batch is padding.", True
+    )
     grad_accum_steps: int = _doc("Forward passes whose gradients are summed before one optimiser step.", 1)
     learning_rate: float = _doc("Peak learning rate of AdamW.", 5e-5)
     weight_decay: float = _doc("AdamW weight decay; never applied to biases and norm weights.", 0.01)

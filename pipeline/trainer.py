@@ -22,7 +22,8 @@ from tqdm import tqdm
 from . import dist
 from .checkpoint import METRICS_FILE, load_weights, save_model_checkpoint, save_training_state, write_json
 from .config import TrainConfig, save_config
-from .data import IGNORE_INDEX, Aligner, DataSplits, TrainingCollator, build_training_features
+from .data import (IGNORE_INDEX, Aligner, DataSplits, TrainingCollator, build_length_grouped_sampler,
+                   build_training_features)
 from .evaluation import evaluate
 from .inference import TokenLabeller
 from .models import token_logits
@@ -134,8 +135,13 @@ class Trainer:
                         stats.pieces, stats.unknown_pieces, stats.tokens_without_pieces,
                         dict(stats.no_piece_characters.most_common(5)))
         dataset = FeatureDataset(features)
-        # Shuffles with the epoch as seed (set_epoch), identically on every rank, then shards.
-        sampler = DistributedBatchSampler(dataset, batch_size=self.config.batch_size, shuffle=True, drop_last=False)
+        if self.config.group_by_length:
+            sampler = build_length_grouped_sampler(dataset, [len(f[0]) for f in features], self.config.batch_size,
+                                                   self.config.seed)
+        else:
+            # Shuffles with the epoch as seed (set_epoch), identically on every rank, then shards.
+            sampler = DistributedBatchSampler(dataset, batch_size=self.config.batch_size, shuffle=True,
+                                              drop_last=False)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=TrainingCollator(self.aligner.pad_id),
                             num_workers=self.config.num_workers, return_list=True)
         return sampler, loader

@@ -179,3 +179,31 @@ def test_tokens_without_pieces_inside_an_entity_join_it():
     has_pieces = [True, False, True, True, False, True]
     assert fill_tokens_without_pieces(labels, has_pieces) == ["B-PER", "I-PER", "I-PER", "O", "O", "B-LOC"]
     assert fill_tokens_without_pieces(["O", "B-LOC"], [False, True]) == ["O", "B-LOC"]
+
+
+def test_length_grouped_sampler_shards_cover_every_window_with_little_padding(monkeypatch):
+    from pipeline.data import LengthGroupedBatchSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 100, size=1001)
+    dataset = list(range(len(lengths)))
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setenv("PADDLE_TRAINER_ID", str(rank))
+        monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+        sampler = LengthGroupedBatchSampler(dataset, lengths, batch_size=8, seed=5)
+        assert (sampler.nranks, sampler.local_rank) == (2, rank)
+        sampler.set_epoch(3)
+        per_rank.append(list(sampler))
+        assert len(per_rank[-1]) == len(sampler) == 63
+    # Same number of batches on each rank; together they hold every window, a few (<16) twice.
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert set(seen) == set(dataset) and len(seen) - len(dataset) < 16
+    # Batches at the same step have similar lengths: padding far below random batching's.
+    def padding(batches):
+        computed = sum(max(lengths[b]) * len(b) for b in batches)
+        return 1 - sum(lengths[i] for b in batches for i in b) / computed
+    assert padding(per_rank[0]) < 0.1
+    # A new epoch gives a new order.
+    sampler.set_epoch(4)
+    assert list(sampler) != per_rank[1]
