@@ -262,8 +262,10 @@ class Trainer:
                     save_training_state(self.output_dir, self.model, optimizer, schedule, config, step, epoch)
                 if config.eval_interval and step % config.eval_interval == 0:
                     evaluated_at = step
+                    eval_started = time.perf_counter()
                     if run_evaluation():
                         stopped_early = done = True
+                    window.exclude(time.perf_counter() - eval_started)  # throughput counts training time only
                 if step >= total_steps:
                     done = True
                 if done:
@@ -324,7 +326,12 @@ class _Window:
         self._reset()
 
     def _reset(self):
-        self.loss, self.real_tokens, self.batches, self.computed, self.started = None, None, 0, 0, time.perf_counter()
+        self.loss, self.real_tokens, self.batches, self.computed = None, None, 0, 0
+        self.started, self.excluded = time.perf_counter(), 0.0
+
+    def exclude(self, seconds: float):
+        """Leave time spent outside training steps (evaluation) out of the next throughput figure."""
+        self.excluded += seconds
 
     def add(self, loss, real_tokens, computed_tokens: int):
         self.loss = loss if self.loss is None else self.loss + loss
@@ -336,6 +343,6 @@ class _Window:
         """Read and reset: one host-device sync per log line, not per step."""
         values = (float(self.loss) if self.loss is not None else 0.0, self.batches,
                   int(self.real_tokens) if self.real_tokens is not None else 0, self.computed,
-                  time.perf_counter() - self.started)
+                  time.perf_counter() - self.started - self.excluded)
         self._reset()
         return values
