@@ -41,6 +41,7 @@ def main(argv=None) -> int:
 
     from pipeline import dist
     from pipeline.assets import AssetError
+    from pipeline.checkpoint import weights_digest
     from pipeline.data import DataError, load_splits
     from pipeline.models import (ModelUnavailableError, build_token_classifier, build_tokenizer,
                                  check_weights_available, resolve_model)
@@ -63,7 +64,10 @@ def main(argv=None) -> int:
     model = build_token_classifier(spec, splits.labels)
     # Dropout should differ between ranks, as their batches do.
     set_seed(config.seed + dist.get_rank())
-    result = Trainer(config, model, tokenizer, splits).fit()
+    trainer = Trainer(config, model, tokenizer, splits)
+    result = trainer.fit()
+    # Every rank prints a digest of the weights it ends with: replicas that drifted apart show at once.
+    print(f"[rank {dist.get_rank()}] final weights sha256 {weights_digest(trainer.model)}", flush=True)
     if dist.is_main_process():
         print(json.dumps({"global_step": result.global_step, "best_dev": result.best_dev and {
             k: result.best_dev[k] for k in ("precision", "recall", "f1")},

@@ -173,3 +173,14 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
     save_config(config, temporary / TRAIN_CONFIG_FILE)
     _replace_directory(temporary, target)
     return target
+
+
+def weights_digest(model: paddle.nn.Layer) -> str:
+    """sha256 over every float32 weight in name order: equal on replicas holding equal weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(float32_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()

@@ -51,22 +51,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: np.ndarray) -> np.ndarray:
-    """Sum a numeric array over all ranks (identity in one process)."""
+def _all_reduce(values: np.ndarray, op) -> np.ndarray:
     if not is_initialized():
         return np.asarray(values)
     tensor = paddle.to_tensor(np.asarray(values))
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=op)
     return tensor.numpy()
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """Sum a numeric array over all ranks (identity in one process)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values: np.ndarray) -> np.ndarray:
     """Element-wise maximum over all ranks (identity in one process)."""
-    if not is_initialized():
-        return np.asarray(values)
-    tensor = paddle.to_tensor(np.asarray(values))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.numpy()
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
 def broadcast_parameters(model: paddle.nn.Layer, src: int = 0) -> None:

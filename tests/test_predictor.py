@@ -113,3 +113,43 @@ def test_predictor_rejects_incomplete_or_mismatched_checkpoints(checkpoint_dir, 
     (other_labels / "pipeline.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="label"):
         Predictor.from_checkpoint(other_labels)
+
+
+def run_predict_cli(args, monkeypatch, stdin_bytes: bytes | None = None):
+    import io
+    import sys
+
+    import predict
+
+    if stdin_bytes is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin_bytes), encoding="utf-8"))
+    return predict.main(args)
+
+
+def test_predict_cli_jsonl_and_bad_bytes(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"text": "\xe5\xbc\xa0\xe4\xb8\x89"}\n\n{"text": "caf\xe9 ok"}\n')
+    out = tmp_path / "out.jsonl"
+    assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(source), "--output", str(out)],
+                           monkeypatch) == 0
+    results = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in results] == ["张三", "", "caf\ufffd ok"]
+    assert "lines [3]" in capsys.readouterr().err
+
+
+def test_predict_cli_reads_standard_input(checkpoint_dir, monkeypatch, capsys):
+    code = run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", "-"], monkeypatch,
+                           stdin_bytes="李四去上海\n\n王小明\n".encode())
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["text"] for line in lines] == ["李四去上海", "", "王小明"]
+
+
+def test_predict_cli_errors(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    assert run_predict_cli(["--checkpoint", str(tmp_path / "nope"), "--input", "-"], monkeypatch, b"") == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n', encoding="utf-8")
+    assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(bad), "--output",
+                            str(tmp_path / "o.jsonl")], monkeypatch) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err

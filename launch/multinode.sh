@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One node of a multi-node job: run the SAME command on every node, with that node's variables.
+#
+#   MASTER_ADDR=<node 0 address> MASTER_PORT=<free port> NNODES=2 NODE_RANK=0 \
+#   CONFIG=configs/msra_m3e_small_quick.yaml GPUS=0,1,2,3 bash launch/multinode.sh [key=value ...]
+#
+# Variables (nothing is hard-coded; every value comes from the environment):
+#   MASTER_ADDR  address of the rendezvous node (node rank 0). Paddle's launcher starts its
+#                key-value master only on the node whose own address equals MASTER_ADDR (or when
+#                it is the loopback address), so give the IP that node 0 resolves its hostname to, or set
+#                HOST_IP on every node to the address the others reach it by.
+#   MASTER_PORT  a free TCP port on the master node.
+#   NNODES       number of nodes; or MIN:MAX for an elastic job (see below).
+#   NODE_RANK    this node's rank, 0..NNODES-1. Optional: without it nodes are ranked in
+#                arrival order (the master's own node first).
+#   CONFIG       YAML preset for train_dist.py; the arguments of this script are key=value overrides.
+#   GPUS         device ids of this node (e.g. "0,1", as listed in CUDA_VISIBLE_DEVICES if set);
+#   GPUS_PER_NODE  or a count: that many workers on the first visible GPUs.
+#                Neither set (or 0): NPROC CPU workers over gloo.
+#   NPROC        CPU workers per node when GPUS is empty (default 1).
+#   LOG_DIR      per-node log directory (default log/node-$NODE_RANK): workerlog.N per local worker.
+#   JOB_ID       name shared by the nodes of one job (default: nerpipe).
+#   HOST_IP      optional: this node's address as the other nodes see it (launcher's --host).
+#   PYTHON       interpreter (default .venv/bin/python if present, else python).
+#
+# Elastic form (not used by the tests): replace the HTTP master by an etcd server and give a
+# node range; nodes may join or leave between MIN and MAX, and the job restarts from scratch
+# (until `resume: auto` lands) with the new world size:
+#   MASTER_ADDR=etcd://<etcd host> MASTER_PORT=<etcd port> NNODES=2:4 bash launch/multinode.sh
+# which runs `python -m paddle.distributed.launch --master etcd://HOST:PORT --nnodes 2:4 ...`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0 (or etcd://HOST for elastic)}"
+: "${MASTER_PORT:?set MASTER_PORT to a free port on the master}"
+: "${NNODES:?set NNODES to the number of nodes (or MIN:MAX)}"
+CONFIG=${CONFIG:?set CONFIG to a YAML preset, e.g. configs/msra_m3e_small_quick.yaml}
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+LOG_DIR=${LOG_DIR:-log/node-${NODE_RANK:-$(hostname)}}
+
+args=(--master "${MASTER_ADDR}:${MASTER_PORT}" --nnodes "$NNODES" --job_id "${JOB_ID:-nerpipe}"
+      --log_dir "$LOG_DIR")
+if [ -n "${NODE_RANK:-}" ]; then args+=(--rank "$NODE_RANK"); fi
+if [ -n "${HOST_IP:-}" ]; then args+=(--host "$HOST_IP"); fi
+
+if [ -n "${GPUS:-}" ]; then
+  exec "$PYTHON" -m paddle.distributed.launch "${args[@]}" --gpus "$GPUS" \
+    train_dist.py --config "$CONFIG" use_gpu=true "$@"
+fi
+if [ "${GPUS_PER_NODE:-0}" -gt 0 ]; then
+  exec "$PYTHON" -m paddle.distributed.launch "${args[@]}" --nproc_per_node "$GPUS_PER_NODE" \
+    train_dist.py --config "$CONFIG" use_gpu=true "$@"
+fi
+# The launcher reads any CUDA_VISIBLE_DEVICES, even an empty one, as a request for GPUs.
+unset CUDA_VISIBLE_DEVICES
+exec "$PYTHON" -m paddle.distributed.launch "${args[@]}" --nproc_per_node "${NPROC:-1}" \
+  train_dist.py --config "$CONFIG" "$@"

@@ -1,0 +1,85 @@
+"""A real two-node job on one machine: two `paddle.distributed.launch` processes, one per "node",
+meeting at a rendezvous on 127.0.0.1, each node with its own log directory and checkpoint_dir
+(storage that is not shared)."""
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train_launch import ROOT, clean_env, overrides
+
+TIMEOUT = 300
+DIGEST = re.compile(r"\[rank (\d+)\] final weights sha256 ([0-9a-f]{64})")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_command(rank: int, port: int, log_dir: Path, train_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "paddle.distributed.launch", "--nnodes", "2", "--master", f"127.0.0.1:{port}",
+            "--rank", str(rank), "--nproc_per_node", "1", "--job_id", f"test-{port}", "--log_dir", str(log_dir),
+            "--max_restart", "0", "train_dist.py", *train_args]
+
+
+def run_nodes(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Start every node, wait for all under one deadline; on timeout kill them all and fail."""
+    procs = [subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for command in commands]
+    deadline = time.monotonic() + TIMEOUT
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outputs.append(out)
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        tails = [proc.communicate()[0][-3000:] for proc in procs]
+        pytest.fail(f"two-node job did not finish in {TIMEOUT} s:\n" + "\n---\n".join(tails))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [subprocess.CompletedProcess(c, p.returncode, o, "") for c, p, o in zip(commands, procs, outputs)]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    port = free_port()
+    log_dirs = [tmp_path / f"log-node{rank}" for rank in (0, 1)]
+    out_dirs = [tmp_path / f"ckpt-node{rank}" for rank in (0, 1)]
+    commands = [node_command(rank, port, log_dirs[rank], overrides(tiny_model_dir, tiny_dataset_dir, out_dirs[rank]))
+                for rank in (0, 1)]
+    results = run_nodes(commands)
+
+    logs = {rank: (log_dirs[rank] / "workerlog.0").read_text() if (log_dirs[rank] / "workerlog.0").is_file() else ""
+            for rank in (0, 1)}
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, (f"node {rank} exited {result.returncode}\n{result.stdout[-3000:]}\n"
+                                        f"workerlog.0:\n{logs[rank][-3000:]}")
+    # One worker per node: global rank 0 on node 0, global rank 1 on node 1, each logging as workerlog.0.
+    digests = {}
+    for node, text in logs.items():
+        found = DIGEST.findall(text)
+        assert len(found) == 1, f"node {node}: expected one final-weights line, got {found}"
+        global_rank, digest = found[0]
+        assert int(global_rank) == node
+        digests[node] = digest
+    assert digests[0] == digests[1], "replicas on the two nodes ended with different weights"
+
+    # Storage is not shared here: only global rank 0 writes, so only node 0's checkpoint_dir has a model,
+    # and node 1 still ends with the best weights because rank 0 broadcasts them.
+    assert (out_dirs[0] / "best_model" / "model.pdparams").is_file()
+    assert not (out_dirs[1] / "best_model").exists()
+    assert "saved to" in logs[0]
+    assert "saved to" not in logs[1]
