@@ -73,6 +73,7 @@ def main(argv=None) -> int:
             k: result.best_dev[k] for k in ("precision", "recall", "f1")},
             "test": result.test and {k: result.test[k] for k in ("precision", "recall", "f1")},
             "best_model": f"{config.checkpoint_dir}/best_model"}))
+    dist.shutdown()
     return 0
 
 

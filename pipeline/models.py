@@ -351,7 +351,7 @@ def _host_answers(host: str, port: int, timeout: float) -> bool:
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 outcome.append(True)
-        except OSError:
+        except Exception:  # any failure to connect means "not reachable"; never let the thread raise
             outcome.append(False)
 
     # A thread bounds the whole probe: socket timeouts do not cover name resolution,

@@ -24,8 +24,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def node_command(rank: int, port: int, log_dir: Path, train_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "paddle.distributed.launch", "--nnodes", "2", "--master", f"127.0.0.1:{port}",
+def node_command(rank: int, port: int, log_dir: Path, train_args: list[str], master: str = "127.0.0.1",
+                 host: str | None = None, namespace: str | None = None) -> list[str]:
+    prefix = []
+    if namespace:
+        # Gloo picks its interface from the host name, which resolves to loopback: name the veth instead.
+        device = f"nerpipe-veth{NAMESPACES.index(namespace)}"
+        prefix = ["ip", "netns", "exec", namespace, "env", f"GLOO_SOCKET_IFNAME={device}"]
+    return [*prefix, sys.executable, "-m", "paddle.distributed.launch", "--nnodes", "2",
+            "--master", f"{master}:{port}", *(["--host", host] if host else []),
             "--rank", str(rank), "--nproc_per_node", "1", "--job_id", f"test-{port}", "--log_dir", str(log_dir),
             "--max_restart", "0", "train_dist.py", *train_args]
 
@@ -53,14 +60,45 @@ def run_nodes(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
     return [subprocess.CompletedProcess(c, p.returncode, o, "") for c, p, o in zip(commands, procs, outputs)]
 
 
-@pytest.mark.slow
-def test_two_nodes_on_loopback(tiny_model_dir, tiny_dataset_dir, tmp_path):
-    port = free_port()
-    log_dirs = [tmp_path / f"log-node{rank}" for rank in (0, 1)]
-    out_dirs = [tmp_path / f"ckpt-node{rank}" for rank in (0, 1)]
-    commands = [node_command(rank, port, log_dirs[rank], overrides(tiny_model_dir, tiny_dataset_dir, out_dirs[rank]))
-                for rank in (0, 1)]
-    results = run_nodes(commands)
+# Two test hosts, each in its own network namespace, joined by a veth pair. The addresses are from
+# TEST-NET-1 (RFC 5737, never routed) and exist only inside these namespaces.
+NAMESPACES = ("nerpipe-node0", "nerpipe-node1")
+ADDRESSES = ("192.0.2.10", "192.0.2.11")
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def two_hosts():
+    """Create the namespaces and the veth link; skip with the reason when the machine refuses."""
+    for namespace in NAMESPACES:  # leftovers of an interrupted run
+        _ip("netns", "del", namespace)
+    steps = [("netns", "add", NAMESPACES[0]), ("netns", "add", NAMESPACES[1]),
+             ("link", "add", "nerpipe-veth0", "type", "veth", "peer", "name", "nerpipe-veth1")]
+    for index, namespace in enumerate(NAMESPACES):
+        device = f"nerpipe-veth{index}"
+        steps += [("link", "set", device, "netns", namespace),
+                  ("-n", namespace, "addr", "add", f"{ADDRESSES[index]}/24", "dev", device),
+                  ("-n", namespace, "link", "set", device, "up"),
+                  ("-n", namespace, "link", "set", "lo", "up")]
+    try:
+        for step in steps:
+            result = _ip(*step)
+            if result.returncode != 0:
+                pytest.skip(f"network namespaces unavailable here: `ip {' '.join(step)}` said "
+                            f"{result.stderr.strip()!r}")
+        yield
+    except FileNotFoundError:
+        pytest.skip("iproute2 (`ip`) is not installed")
+    finally:
+        for namespace in NAMESPACES:  # deleting a namespace also removes its end of the veth pair
+            _ip("netns", "del", namespace)
+
+
+def check_two_node_run(results, log_dirs, out_dirs):
+    """Both nodes succeeded, ended with identical weights, and only global rank 0 wrote."""
 
     logs = {rank: (log_dirs[rank] / "workerlog.0").read_text() if (log_dirs[rank] / "workerlog.0").is_file() else ""
             for rank in (0, 1)}
@@ -83,3 +121,29 @@ def test_two_nodes_on_loopback(tiny_model_dir, tiny_dataset_dir, tmp_path):
     assert not (out_dirs[1] / "best_model").exists()
     assert "saved to" in logs[0]
     assert "saved to" not in logs[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    port = free_port()
+    log_dirs = [tmp_path / f"log-node{rank}" for rank in (0, 1)]
+    out_dirs = [tmp_path / f"ckpt-node{rank}" for rank in (0, 1)]
+    commands = [node_command(rank, port, log_dirs[rank], overrides(tiny_model_dir, tiny_dataset_dir, out_dirs[rank]))
+                for rank in (0, 1)]
+    check_two_node_run(run_nodes(commands), log_dirs, out_dirs)
+
+
+@pytest.mark.slow
+def test_two_nodes_across_network_namespaces(two_hosts, tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """The same job with each node on its own address: the traffic really crosses an interface."""
+    port = 36123  # inside fresh namespaces every port is free
+    log_dirs = [tmp_path / f"log-node{rank}" for rank in (0, 1)]
+    out_dirs = [tmp_path / f"ckpt-node{rank}" for rank in (0, 1)]
+    commands = [node_command(rank, port, log_dirs[rank], overrides(tiny_model_dir, tiny_dataset_dir, out_dirs[rank]),
+                             master=ADDRESSES[0], host=ADDRESSES[rank], namespace=NAMESPACES[rank])
+                for rank in (0, 1)]
+    results = run_nodes(commands)
+    check_two_node_run(results, log_dirs, out_dirs)
+    # Node 1 reached node 0's rendezvous through the veth link, at node 0's namespace address.
+    node1_output = results[1].stdout + "".join(p.read_text(errors="replace") for p in log_dirs[1].glob("*"))
+    assert f"connected to {ADDRESSES[0]}" in node1_output, node1_output[-2000:]
