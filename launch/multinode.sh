@@ -24,8 +24,9 @@
 #   PYTHON       interpreter (default .venv/bin/python if present, else python).
 #
 # Elastic form (not used by the tests): replace the HTTP master by an etcd server and give a
-# node range; nodes may join or leave between MIN and MAX, and the job restarts from scratch
-# (until `resume: auto` lands) with the new world size:
+# node range; nodes may join or leave between MIN and MAX and the job relaunches with the new
+# world size (resume: auto then restores weights, optimiser and step, but the position inside
+# the epoch was counted in batches of the old world size: prefer a fixed node count):
 #   MASTER_ADDR=etcd://<etcd host> MASTER_PORT=<etcd port> NNODES=2:4 bash launch/multinode.sh
 # which runs `python -m paddle.distributed.launch --master etcd://HOST:PORT --nnodes 2:4 ...`.
 set -euo pipefail

@@ -26,6 +26,7 @@ TRAIN_CONFIG_FILE = "train_config.yaml"
 MODEL_CONFIG_FILE = "config.json"
 OPTIMIZER_FILE = "optimizer.pdopt"
 TRAINING_STATE_FILE = "training_state.json"
+RNG_FILE = "rng.pdstate"
 FORMAT_VERSION = 1
 REQUIRED_FILES = (WEIGHTS_FILE, META_FILE, MODEL_CONFIG_FILE)
 
@@ -160,19 +161,72 @@ def training_state_dir(output_dir, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step-{step:08d}"
 
 
-def save_training_state(output_dir, model, optimizer, schedule, config: TrainConfig, step: int, epoch: int) -> Path:
-    """Weights, optimiser and schedule state at ``step``, written atomically; rank 0 only."""
-    target = training_state_dir(output_dir, step)
+def _rename_optimizer_keys(state: dict, mapping: dict[str, str]) -> dict:
+    """Rename optimiser-state keys whose prefix is a parameter name in ``mapping``."""
+    prefixes = sorted(mapping, key=len, reverse=True)  # longest first: linear_11.w_0 before linear_1.w_0
+
+    def rename(key: str) -> str:
+        for prefix in prefixes:
+            if key == prefix or key.startswith(prefix + "_"):
+                return mapping[prefix] + key[len(prefix):]
+        return key
+
+    return {rename(k): (_rename_optimizer_keys(v, mapping) if isinstance(v, dict) else v) for k, v in state.items()}
+
+
+def portable_optimizer_state(model, optimizer) -> dict:
+    """Optimiser state keyed by structured parameter names (``bert.encoder...``), not by Paddle's
+    generated ones (``linear_12.w_0``), which depend on how many layers the process built before."""
+    return _rename_optimizer_keys(optimizer.state_dict(), {p.name: f"@{n}" for n, p in model.named_parameters()})
+
+
+def load_portable_optimizer_state(model, optimizer, state: dict) -> None:
+    """Inverse of ``portable_optimizer_state`` for this process's parameter names."""
+    optimizer.set_state_dict(_rename_optimizer_keys(state, {f"@{n}": p.name for n, p in model.named_parameters()}))
+
+
+def save_training_state(output_dir, model, optimizer, schedule, config: TrainConfig, progress: dict) -> Path:
+    """Weights, optimiser, schedule, RNG and loop progress, written atomically; rank 0 only.
+
+    ``progress`` holds the loop's counters (``step``, ``epoch``, ``batches_done`` in that epoch,
+    best metric so far...) as JSON-serialisable values.
+    """
+    target = training_state_dir(output_dir, progress["step"])
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
-    paddle.save(optimizer.state_dict(), str(temporary / OPTIMIZER_FILE))
-    write_json(temporary / TRAINING_STATE_FILE, {"step": step, "epoch": epoch, "schedule": schedule.state_dict()})
+    paddle.save(portable_optimizer_state(model, optimizer), str(temporary / OPTIMIZER_FILE))
+    # Dropout draws from Paddle's generator: restoring it makes a resumed run repeat the same masks.
+    paddle.save({"paddle": paddle.get_rng_state()}, str(temporary / RNG_FILE))
+    write_json(temporary / TRAINING_STATE_FILE, {**progress, "schedule": schedule.state_dict()})
     save_config(config, temporary / TRAIN_CONFIG_FILE)
     _replace_directory(temporary, target)
     return target
+
+
+def latest_training_state(output_dir) -> Path | None:
+    """Newest complete ``checkpoints/step-*`` directory (temporary ones are never complete)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    complete = sorted(p for p in root.glob("step-*") if (p / TRAINING_STATE_FILE).is_file())
+    return complete[-1] if complete else None
+
+
+def load_training_state(directory, model, optimizer, schedule) -> dict:
+    """Restore weights, optimiser, schedule and RNG from ``directory``; return the loop progress."""
+    directory = Path(directory)
+    missing = [n for n in (WEIGHTS_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, RNG_FILE) if not (directory / n).is_file()]
+    if missing:
+        raise CheckpointError(f"training state {directory} is missing {missing}")
+    load_weights(model, directory / WEIGHTS_FILE)
+    load_portable_optimizer_state(model, optimizer, paddle.load(str(directory / OPTIMIZER_FILE)))
+    state = json.loads((directory / TRAINING_STATE_FILE).read_text(encoding="utf-8"))
+    schedule.set_state_dict(state.pop("schedule"))
+    paddle.set_rng_state(paddle.load(str(directory / RNG_FILE))["paddle"])
+    return state
 
 
 def weights_digest(model: paddle.nn.Layer) -> str:

@@ -84,6 +84,11 @@ class TrainConfig:
     early_stopping_patience: int = _doc("Stop after N evaluations without improvement (0: never).", 0)
     log_interval: int = _doc("Log loss, learning rate and throughput every N optimiser steps.", 10)
     save_interval: int = _doc("Write a training-state checkpoint every N optimiser steps (0: never).", 0)
+    resume: str = _doc(
+        "'auto': continue from the newest training state under checkpoint_dir/checkpoints (written every "
+        "save_interval steps) if there is one; 'off': start fresh; or the path of a step-NNNNNNNN directory.",
+        "auto",
+    )
     checkpoint_dir: str = _doc("Where best_model/, checkpoints, metrics and VisualDL logs go.", "outputs/msra_ner")
     do_test: bool = _doc("After training, evaluate the best model on the test file.", True)
     use_gpu: bool = _doc("Train on GPU (one per worker; pick them with launch's --gpus).", False)
@@ -125,6 +130,8 @@ class TrainConfig:
             raise ConfigError(f"init_loss_scaling must be > 0, got {self.init_loss_scaling!r}")
         if not self.model:
             raise ConfigError("model must name a model or a directory")
+        if self.resume not in ("auto", "off") and not Path(self.resume).is_dir():
+            raise ConfigError(f"resume must be auto, off or an existing checkpoint directory, got {self.resume!r}")
         if self.labels is not None and "O" not in self.labels:
             raise ConfigError(f"labels must contain 'O', got {self.labels!r}")
 

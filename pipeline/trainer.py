@@ -20,7 +20,8 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from tqdm import tqdm
 
 from . import dist
-from .checkpoint import METRICS_FILE, load_weights, save_model_checkpoint, save_training_state, write_json
+from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, latest_training_state, load_training_state, load_weights,
+                         save_model_checkpoint, save_training_state, write_json)
 from .config import TrainConfig, save_config
 from .data import (IGNORE_INDEX, Aligner, DataSplits, TrainingCollator, build_length_grouped_sampler,
                    build_training_features)
@@ -183,6 +184,24 @@ class Trainer:
             load_weights(self.model, self.best_dir / "model.pdparams")
         dist.broadcast_parameters(self.model, src=0)
 
+    def _resume_source(self) -> Path | None:
+        """The training state to continue from, the same on every rank (or an error saying why not)."""
+        if self.config.resume == "off":
+            return None
+        source = latest_training_state(self.output_dir) if self.config.resume == "auto" else Path(self.config.resume)
+        # All ranks must resume from the same step: without shared storage they may see different files.
+        step = -1
+        if source is not None:
+            state_file = source / TRAINING_STATE_FILE
+            if not state_file.is_file():
+                raise RuntimeError(f"resume: {source} holds no {TRAINING_STATE_FILE}; it is not a training state")
+            step = int(json.loads(state_file.read_text(encoding="utf-8"))["step"])
+        seen = dist.all_reduce_max(np.array([step, -step], dtype=np.int64))
+        if seen[0] != -seen[1]:
+            raise RuntimeError(f"ranks see different training states under {self.output_dir} (this rank: {source}); "
+                               f"checkpoint_dir must be on storage every node shares to resume")
+        return source
+
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> TrainingResult:
@@ -197,6 +216,19 @@ class Trainer:
         total_steps = config.max_steps or steps_per_epoch * config.epochs
         epochs = math.ceil(total_steps / steps_per_epoch)
         optimizer, schedule = build_optimizer(config, self.model, total_steps)
+        step, best_metric, best_dev, evals_without_gain = 0, None, None, 0
+        history, stopped_early = [], False
+        start_epoch, skip_batches, resumed_evaluated_at = 0, 0, None
+        source = self._resume_source()
+        if source is not None:
+            # Before AMP decoration and DataParallel, so both start from the restored weights.
+            progress = load_training_state(source, self.model, optimizer, schedule)
+            step, start_epoch, skip_batches = progress["step"], progress["epoch"], progress["batches_done"]
+            best_metric, best_dev = progress["best_metric"], progress["best_dev"]
+            evals_without_gain, history = progress["evals_without_gain"], progress["history"]
+            resumed_evaluated_at = progress["evaluated_at"]
+            logger.warning("resumed from %s at step %d (epoch %d, %d batches into it)", source, step, start_epoch,
+                           skip_batches)
         self.model, optimizer = self.amp.decorate(self.model, optimizer)
         wrapped = dist.wrap_for_training(self.model)
         self._open_writer()
@@ -205,10 +237,9 @@ class Trainer:
                         dist.get_world_size(), config.batch_size, config.grad_accum_steps, total_steps,
                         epochs, steps_per_epoch)
 
-        step, best_metric, best_dev, evals_without_gain = 0, None, None, 0
-        history, stopped_early = [], False
         window = _Window()
-        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not self.is_main, mininterval=2)
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not self.is_main,
+                   mininterval=2)
 
         def run_evaluation() -> bool:
             """Evaluate on dev, maybe save the best model; True when early stopping says stop."""
@@ -234,10 +265,14 @@ class Trainer:
 
         wrapped.train()
         done = False
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
-            evaluated_at = None
+            evaluated_at = resumed_evaluated_at if epoch == start_epoch else None
             for batch_index, (input_ids, label_ids) in enumerate(loader):
+                if epoch == start_epoch and batch_index < skip_batches:
+                    # Consumed before the interruption; the order depends only on (seed, epoch), so the
+                    # batches that follow are exactly the ones the interrupted run would have seen.
+                    continue
                 boundary = (batch_index + 1) % config.grad_accum_steps == 0 or batch_index + 1 == batches_per_epoch
                 # Gradients are all-reduced only on the micro-batch that ends an accumulation group.
                 sync = contextlib.nullcontext() if boundary else dist.no_gradient_sync(wrapped)
@@ -258,14 +293,18 @@ class Trainer:
                 bar.update(1)
                 if step % config.log_interval == 0:
                     self._log_training(window, step, schedule.get_lr(), bar)
-                if config.save_interval and step % config.save_interval == 0 and self.is_main:
-                    save_training_state(self.output_dir, self.model, optimizer, schedule, config, step, epoch)
                 if config.eval_interval and step % config.eval_interval == 0:
                     evaluated_at = step
                     eval_started = time.perf_counter()
                     if run_evaluation():
                         stopped_early = done = True
                     window.exclude(time.perf_counter() - eval_started)  # throughput counts training time only
+                # After the evaluation, so that the state carries this step's best metric.
+                if config.save_interval and step % config.save_interval == 0 and self.is_main:
+                    save_training_state(self.output_dir, self.model, optimizer, schedule, config, {
+                        "step": step, "epoch": epoch, "batches_done": batch_index + 1, "best_metric": best_metric,
+                        "best_dev": best_dev, "evals_without_gain": evals_without_gain, "history": history,
+                        "evaluated_at": evaluated_at})
                 if step >= total_steps:
                     done = True
                 if done:

@@ -98,3 +98,26 @@ def test_two_worker_launch_then_predict(tiny_model_dir, tiny_dataset_dir, tmp_pa
     results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["text"] for r in results] == texts
     assert all(len(r["labels"]) == len(r["text"]) for r in results)
+
+
+@pytest.mark.slow
+def test_two_worker_relaunch_resumes_from_the_newest_state(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    out_dir = tmp_path / "resume"
+    first_logs, second_logs = tmp_path / "logs1", tmp_path / "logs2"
+    launch = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir"]
+    run([*launch, str(first_logs), "train_dist.py",
+         *overrides(tiny_model_dir, tiny_dataset_dir, out_dir, save_interval=2, do_test=False)], log_hint=first_logs)
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    # The same command with a larger budget continues from step 4 on both ranks.
+    run([*launch, str(second_logs), "train_dist.py",
+         *overrides(tiny_model_dir, tiny_dataset_dir, out_dir, save_interval=2, do_test=False, max_steps=6)],
+        log_hint=second_logs)
+    for rank in (0, 1):
+        log = (second_logs / f"workerlog.{rank}").read_text()
+        assert "step-00000004 at step 4" in log, f"rank {rank} did not resume from step 4"
+    rank0 = (second_logs / "workerlog.0").read_text().splitlines()
+    summary = json.loads([line for line in rank0 if line.startswith('{"global_step"')][-1])
+    assert summary["global_step"] == 6
+    digests = {line.split()[-1] for rank in (0, 1)
+               for line in (second_logs / f"workerlog.{rank}").read_text().splitlines() if "final weights sha256" in line}
+    assert len(digests) == 1

@@ -62,3 +62,49 @@ def test_bf16_amp_runs_on_cpu_and_saves_float32_weights(tiny_model_dir, tiny_dat
     state = paddle.load(str(tmp_path / "out" / "best_model" / "model.pdparams"))
     assert all(tensor.dtype == paddle.float32 for tensor in state.values())
     assert all(np.isfinite(tensor.numpy()).all() for tensor in state.values())
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_at_the_exact_step(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                                    monkeypatch):
+    settings = dict(max_steps=6, save_interval=3, eval_interval=2, do_test=False)
+    reference = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path / "whole", **settings)
+    whole = reference.fit()
+
+    out = tmp_path / "killed"
+    original_log = Trainer._log_training
+
+    def crash_at_step_5(self, window, step, learning_rate, bar):
+        original_log(self, window, step, learning_rate, bar)
+        if step == 5:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Trainer, "_log_training", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_trainer(tiny_model_dir, tiny_dataset_dir, out, **settings).fit()
+    monkeypatch.setattr(Trainer, "_log_training", original_log)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
+
+    steps_run = []
+    resumed_trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, out, **settings)
+    monkeypatch.setattr(Trainer, "_log_training",
+                        lambda self, window, step, lr, bar: (steps_run.append(step), original_log(self, window, step, lr, bar)))
+    resumed = resumed_trainer.fit()
+    assert steps_run == [4, 5, 6], "the resumed run must run exactly the remaining steps"
+    assert resumed.global_step == 6
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in whole.history] == [2, 4, 6]
+    # Same batches, same learning rates, same dropout masks: the same weights, up to float rounding.
+    final = {k: v.numpy() for k, v in resumed_trainer.model.state_dict().items()}
+    for name, value in reference.model.state_dict().items():
+        np.testing.assert_allclose(final[name], value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_resume_off_starts_fresh_and_bad_resume_paths_are_rejected(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    from pipeline.config import ConfigError
+
+    out = tmp_path / "out"
+    make_trainer(tiny_model_dir, tiny_dataset_dir, out, max_steps=2, save_interval=2, do_test=False).fit()
+    fresh = make_trainer(tiny_model_dir, tiny_dataset_dir, out, max_steps=2, save_interval=2, do_test=False,
+                         resume="off").fit()
+    assert fresh.global_step == 2 and [r["step"] for r in fresh.history] == [2]
+    with pytest.raises(ConfigError, match="resume must be"):
+        TrainConfig(resume=str(tmp_path / "nowhere"))
