@@ -206,6 +206,16 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
     return target
 
 
+def prune_training_states(output_dir, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete training states; return what was deleted."""
+    root = Path(output_dir) / "checkpoints"
+    complete = sorted(p for p in root.glob("step-*") if (p / TRAINING_STATE_FILE).is_file())
+    doomed = complete[:-keep] if keep > 0 else []
+    for directory in doomed:
+        shutil.rmtree(directory, ignore_errors=True)
+    return doomed
+
+
 def latest_training_state(output_dir) -> Path | None:
     """Newest complete ``checkpoints/step-*`` directory (temporary ones are never complete)."""
     root = Path(output_dir) / "checkpoints"

@@ -84,6 +84,7 @@ class TrainConfig:
     early_stopping_patience: int = _doc("Stop after N evaluations without improvement (0: never).", 0)
     log_interval: int = _doc("Log loss, learning rate and throughput every N optimiser steps.", 10)
     save_interval: int = _doc("Write a training-state checkpoint every N optimiser steps (0: never).", 0)
+    keep_checkpoints: int = _doc("Training states kept under checkpoint_dir/checkpoints (older ones deleted).", 2)
     resume: str = _doc(
         "'auto': continue from the newest training state under checkpoint_dir/checkpoints (written every "
         "save_interval steps) if there is one; 'off': start fresh; or the path of a step-NNNNNNNN directory.",
@@ -100,7 +101,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject impossible values, naming the key."""
-        positive = ("max_seq_len", "epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_interval")
+        positive = ("max_seq_len", "epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_interval",
+                    "keep_checkpoints")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import dist
 from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, latest_training_state, load_training_state, load_weights,
+                         prune_training_states,
                          save_model_checkpoint, save_training_state, write_json)
 from .config import TrainConfig, save_config
 from .data import (IGNORE_INDEX, Aligner, DataSplits, TrainingCollator, build_length_grouped_sampler,
@@ -305,6 +306,8 @@ class Trainer:
                         "step": step, "epoch": epoch, "batches_done": batch_index + 1, "best_metric": best_metric,
                         "best_dev": best_dev, "evals_without_gain": evals_without_gain, "history": history,
                         "evaluated_at": evaluated_at})
+                    # Only after the new state is complete, so a crash here never leaves fewer than before.
+                    prune_training_states(self.output_dir, config.keep_checkpoints)
                 if step >= total_steps:
                     done = True
                 if done:

@@ -98,6 +98,13 @@ def test_a_run_killed_after_a_checkpoint_resumes_at_the_exact_step(tiny_model_di
         np.testing.assert_allclose(final[name], value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_only_the_newest_training_states_are_kept(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    out = tmp_path / "out"
+    make_trainer(tiny_model_dir, tiny_dataset_dir, out, max_steps=5, save_interval=1, keep_checkpoints=2,
+                 do_test=False).fit()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+
+
 def test_resume_off_starts_fresh_and_bad_resume_paths_are_rejected(tiny_model_dir, tiny_dataset_dir, tmp_path):
     from pipeline.config import ConfigError
 
