@@ -27,6 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import TSV_SEPARATOR, write_tsv
 from .labels import MSRA_LABELS, to_bio
 
 CACHE_ENV = "NERPIPE_HOME"
@@ -37,8 +38,6 @@ BUILDER_VERSION = 2
 # sentences is held out (model selection must never see test).
 DEV_SIZE = 2500
 DEV_SEED = 2006
-TSV_HEADER = "text_a\tlabel"
-TSV_SEPARATOR = "\x02"
 MSRA_NAME = "msra_ner"
 M3E_NAME = "m3e-small"
 
@@ -279,15 +278,6 @@ def parse_char_tag_lines(text: str, source: str) -> list[tuple[list[str], list[s
     return sentences
 
 
-def write_paddlehub_tsv(path: Path, sentences) -> None:
-    """PaddleHub's layout: a ``text_a<TAB>label`` header, then characters and labels joined by \\x02."""
-    # newline="\n": the same bytes on every platform.
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write(TSV_HEADER + "\n")
-        for chars, labels in sentences:
-            handle.write(TSV_SEPARATOR.join(chars) + "\t" + TSV_SEPARATOR.join(labels) + "\n")
-
-
 def split_dev(sentences: list, size: int, seed: int) -> tuple[list, list]:
     """``(train, dev)``: ``random.Random(seed).sample`` picks ``size`` for dev; both keep the source order."""
     if not 0 < size < len(sentences):
@@ -351,7 +341,7 @@ def build_msra(wheel_path: Path, target: Path) -> dict:
 
     def build(directory: Path):
         for split, items in splits.items():
-            write_paddlehub_tsv(directory / f"{split}.tsv", [(c, t) for c, t, _ in items])
+            write_tsv(directory / f"{split}.tsv", [(c, t) for c, t, _ in items])
         (directory / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     _build_atomically(target, meta["build"], build)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from paddle.io import DistributedBatchSampler
 
 from .labels import (MSRA_LABELS, OUTSIDE, TagError, bio_labels_for_types, detect_scheme, entity_types, split_tag,
                      to_bio)
@@ -74,6 +73,15 @@ def _decoded_lines(path: Path):
             if number == 1:
                 text = text.removeprefix("\ufeff")  # a byte-order mark is not data
             yield number, text.rstrip("\r\n")
+
+
+def write_tsv(path, sentences) -> None:
+    """Write ``(tokens, labels)`` pairs in PaddleHub's TSV layout, the one ``_read_tsv`` reads."""
+    # newline="\n": the same bytes on every platform.
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write("\t".join(TSV_HEADER) + "\n")
+        for tokens, labels in sentences:
+            handle.write(TSV_SEPARATOR.join(tokens) + "\t" + TSV_SEPARATOR.join(labels) + "\n")
 
 
 def _read_tsv(path: Path):
@@ -448,50 +456,3 @@ def fill_tokens_without_pieces(labels: list[str], has_pieces: list[bool]) -> lis
         previous = filled[i] if inside else OUTSIDE
     return filled
 
-
-class LengthGroupedBatchSampler(DistributedBatchSampler):
-    """Shuffled every epoch, then grouped by length, identically on every rank, then sharded.
-
-    Each epoch: permute all windows with ``seed + epoch``; cut the permutation
-    into buckets of ``bucket_batches`` global batches; sort each bucket by
-    length; cut it into global batches (``batch_size`` x ranks); shuffle the
-    order of the global batches. Each rank takes every n-th window of a global
-    batch, so all ranks run batches of similar length at the same step. Like
-    ``DistributedBatchSampler``, a few windows are repeated so that every rank
-    gets the same number of full batches.
-    """
-
-    def __init__(self, dataset, lengths, batch_size: int, seed: int, bucket_batches: int = 50):
-        super().__init__(dataset, batch_size=batch_size, shuffle=True, drop_last=False)
-        self.lengths = np.asarray(lengths)
-        if len(self.lengths) != len(dataset):
-            raise ValueError(f"{len(self.lengths)} lengths for {len(dataset)} windows")
-        self.seed = seed
-        self.global_batch = batch_size * self.nranks
-        self.bucket_size = self.global_batch * bucket_batches
-
-    def global_batches(self) -> list[np.ndarray]:
-        """This epoch's global batches (the same list on every rank)."""
-        rng = np.random.default_rng(self.seed + self.epoch)
-        count = len(self.lengths)
-        order = rng.permutation(count)
-        padded = -(-count // self.global_batch) * self.global_batch
-        order = np.concatenate([order, order[: padded - count]])
-        batches = []
-        for start in range(0, padded, self.bucket_size):
-            bucket = order[start: start + self.bucket_size]
-            bucket = bucket[np.argsort(self.lengths[bucket], kind="stable")]
-            batches += [bucket[i: i + self.global_batch] for i in range(0, len(bucket), self.global_batch)]
-        return [batches[i] for i in rng.permutation(len(batches))]
-
-    def __iter__(self):
-        for batch in self.global_batches():
-            yield batch[self.local_rank:: self.nranks].tolist()
-
-    def __len__(self):
-        return -(-len(self.lengths) // self.global_batch)
-
-
-def build_length_grouped_sampler(dataset, lengths, batch_size: int, seed: int, bucket_batches: int = 50):
-    """A ``DistributedBatchSampler`` that batches windows of similar length (see LengthGroupedBatchSampler)."""
-    return LengthGroupedBatchSampler(dataset, lengths, batch_size, seed, bucket_batches)

@@ -24,12 +24,12 @@ from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, latest_training_stat
                          prune_training_states,
                          save_model_checkpoint, save_training_state, write_json)
 from .config import TrainConfig, save_config
-from .data import (IGNORE_INDEX, Aligner, DataSplits, TrainingCollator, build_length_grouped_sampler,
-                   build_training_features)
+from .data import IGNORE_INDEX, Aligner, DataSplits, TrainingCollator, build_training_features
 from .evaluation import evaluate
 from .inference import TokenLabeller
 from .models import token_logits
 from .optim import build_optimizer
+from .sampling import LengthGroupedBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ class Trainer:
                         dict(stats.no_piece_characters.most_common(5)))
         dataset = FeatureDataset(features)
         if self.config.group_by_length:
-            sampler = build_length_grouped_sampler(dataset, [len(f[0]) for f in features], self.config.batch_size,
-                                                   self.config.seed)
+            sampler = LengthGroupedBatchSampler(dataset, [len(f[0]) for f in features], self.config.batch_size,
+                                                self.config.seed)
         else:
             # Shuffles with the epoch as seed (set_epoch), identically on every rank, then shards.
             sampler = DistributedBatchSampler(dataset, batch_size=self.config.batch_size, shuffle=True,

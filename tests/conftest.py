@@ -44,12 +44,6 @@ def synthetic_sentence(rng: random.Random) -> tuple[list[str], list[str]]:
     return chars, tags
 
 
-def write_tsv(path: Path, sentences) -> None:
-    """PaddleHub layout: header, then characters and labels joined by \\x02, tab-separated."""
-    lines = ["text_a\tlabel"] + ["\x02".join(c) + "\t" + "\x02".join(t) for c, t in sentences]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT in Paddle layout with its vocab.txt."""
@@ -71,6 +65,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset_dir(tmp_path_factory) -> Path:
     """train/dev/test.tsv of synthetic sentences (seeded)."""
+    from pipeline.data import write_tsv
+
     directory = tmp_path_factory.mktemp("tiny_data")
     rng = random.Random(7)
     for split, count in (("train", 96), ("dev", 24), ("test", 24)):

@@ -149,7 +149,7 @@ def test_a_failed_rebuild_keeps_the_old_output(msra_wheel, tmp_path, monkeypatch
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(assets, "write_paddlehub_tsv", crash)
+    monkeypatch.setattr(assets, "write_tsv", crash)
     with pytest.raises(KeyboardInterrupt):
         assets.build_msra(msra_wheel, target)
     assert (target / "train.tsv").read_bytes() == before and assets.is_complete(target)

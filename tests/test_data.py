@@ -182,7 +182,7 @@ def test_tokens_without_pieces_inside_an_entity_join_it():
 
 
 def test_length_grouped_sampler_shards_cover_every_window_with_little_padding(monkeypatch):
-    from pipeline.data import LengthGroupedBatchSampler
+    from pipeline.sampling import LengthGroupedBatchSampler
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 100, size=1001)
