@@ -9,6 +9,7 @@ crash mid-write never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -206,10 +207,15 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
     return target
 
 
+def complete_training_states(output_dir) -> list[Path]:
+    """``checkpoints/step-*`` directories that are complete, oldest first (temporary ones never are)."""
+    root = Path(output_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if (p / TRAINING_STATE_FILE).is_file())
+
+
 def prune_training_states(output_dir, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` complete training states; return what was deleted."""
-    root = Path(output_dir) / "checkpoints"
-    complete = sorted(p for p in root.glob("step-*") if (p / TRAINING_STATE_FILE).is_file())
+    complete = complete_training_states(output_dir)
     doomed = complete[:-keep] if keep > 0 else []
     for directory in doomed:
         shutil.rmtree(directory, ignore_errors=True)
@@ -217,11 +223,8 @@ def prune_training_states(output_dir, keep: int) -> list[Path]:
 
 
 def latest_training_state(output_dir) -> Path | None:
-    """Newest complete ``checkpoints/step-*`` directory (temporary ones are never complete)."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    complete = sorted(p for p in root.glob("step-*") if (p / TRAINING_STATE_FILE).is_file())
+    """Newest complete ``checkpoints/step-*`` directory, or None."""
+    complete = complete_training_states(output_dir)
     return complete[-1] if complete else None
 
 
@@ -241,8 +244,6 @@ def load_training_state(directory, model, optimizer, schedule) -> dict:
 
 def weights_digest(model: paddle.nn.Layer) -> str:
     """sha256 over every float32 weight in name order: equal on replicas holding equal weights."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, tensor in sorted(float32_state_dict(model).items()):
         digest.update(name.encode())

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import (MSRA_LABELS, OUTSIDE, TagError, bio_labels_for_types, detect_scheme, entity_types, split_tag,
-                     to_bio)
+from .labels import (MSRA_LABELS, OUTSIDE, TagError, bio_labels_for_types, entity_types, scheme_for_prefixes,
+                     split_tag, to_bio)
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def read_examples(path, data_format: str = "auto", tag_scheme: str = "auto") -> 
             first_line_of_prefix.setdefault(prefix, number)
     if tag_scheme == "auto":
         try:
-            tag_scheme = detect_scheme(tag for _, _, tags in raw for tag in tags)
+            tag_scheme = scheme_for_prefixes(first_line_of_prefix)
         except TagError as error:
             where = ", ".join(f"{p!r} first on line {n}" for p, n in sorted(first_line_of_prefix.items()))
             raise DataError(path, None, f"{error} ({where})") from None

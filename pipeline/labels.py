@@ -36,7 +36,12 @@ def split_tag(tag: str) -> tuple[str, str | None]:
 
 def detect_scheme(tags) -> str:
     """Smallest scheme whose prefixes cover every tag seen (bio < bioes < bmes)."""
-    prefixes = {split_tag(t)[0] for t in tags} - {OUTSIDE}
+    return scheme_for_prefixes(split_tag(t)[0] for t in tags)
+
+
+def scheme_for_prefixes(prefixes) -> str:
+    """Smallest scheme that has every tag prefix given (``O`` is in all of them)."""
+    prefixes = set(prefixes) - {OUTSIDE}
     if prefixes <= {"B", "I"}:
         return "bio"
     if prefixes <= {"B", "I", "E", "S"}:

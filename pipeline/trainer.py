@@ -20,9 +20,8 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from tqdm import tqdm
 
 from . import dist
-from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, latest_training_state, load_training_state, load_weights,
-                         prune_training_states,
-                         save_model_checkpoint, save_training_state, write_json)
+from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, latest_training_state, load_training_state,
+                         load_weights, prune_training_states, save_model_checkpoint, save_training_state, write_json)
 from .config import TrainConfig, save_config
 from .data import IGNORE_INDEX, Aligner, DataSplits, TrainingCollator, build_training_features
 from .evaluation import evaluate
@@ -182,7 +181,7 @@ class Trainer:
     def _load_best(self):
         """Rank 0 reads best_model/ and broadcasts it: other nodes may not share its disk."""
         if self.is_main:
-            load_weights(self.model, self.best_dir / "model.pdparams")
+            load_weights(self.model, self.best_dir / WEIGHTS_FILE)
         dist.broadcast_parameters(self.model, src=0)
 
     def _resume_source(self) -> Path | None:
