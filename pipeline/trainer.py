@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 BEST_MODEL_DIR = "best_model"
 TEST_METRICS_FILE = "test_metrics.json"
 DEV_HISTORY_FILE = "dev_metrics.jsonl"
+TRAIN_HISTORY_FILE = "train_metrics.jsonl"
 
 
 class FeatureDataset(Dataset):
@@ -353,6 +354,11 @@ class Trainer:
                         learning_rate, tokens_per_second, 100 * padding)
             self._log_scalars({"train/loss": loss, "train/lr": learning_rate,
                                "train/tokens_per_second": tokens_per_second, "train/padding": padding}, step)
+            # The same figures as a plain file, for plots and reports without VisualDL.
+            record = {"step": step, "loss": loss, "lr": learning_rate, "tokens_per_second": tokens_per_second,
+                      "padding": padding}
+            with open(self.output_dir / TRAIN_HISTORY_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
 
 
 def best_step(history: list, best_metric, key: str):
