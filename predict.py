@@ -5,8 +5,12 @@
 Input: plain text (one text per line), JSONL with a "text" field (by the .jsonl
 extension or --input_format jsonl), or '-' for standard input. Output: one JSON
 line per input line, in order: {"text", "labels" (one per character), "entities"}.
+Empty and whitespace-only lines give an empty result; long lines are windowed.
 Bytes that are not UTF-8 are replaced with U+FFFD and reported with their line
 numbers on standard error; such a line is still predicted, never dropped.
+A JSONL line that cannot be used (not JSON, no string "text") gives the output
+line {"line", "error"} in its place and is reported on standard error; the
+other lines are predicted as usual and the exit status stays 0.
 """
 from __future__ import annotations
 
@@ -18,10 +22,6 @@ from pathlib import Path
 from pipeline.cpu_env import apply_cpu_thread_settings
 
 CHUNK_LINES = 512  # lines read, predicted and written at a time: memory stays flat for any input size
-
-
-class InputError(ValueError):
-    """An input line that cannot be used, named by its line number."""
 
 
 def parse_args(argv=None):
@@ -43,7 +43,10 @@ def parse_args(argv=None):
 
 
 def read_texts(lines, input_format: str, source: str):
-    """Yield ``(line_number, text, had_bad_bytes)`` for every input line, in order."""
+    """Yield ``(line_number, text, had_bad_bytes, error)`` for every input line, in order.
+
+    ``error`` is a message naming the line when it cannot be used (``text`` is then None).
+    """
     for number, raw in enumerate(lines, start=1):
         text = raw.decode("utf-8", errors="replace")
         bad_bytes = "\ufffd" in text and "\ufffd" not in raw.decode("utf-8", errors="ignore")
@@ -54,11 +57,13 @@ def read_texts(lines, input_format: str, source: str):
             try:
                 record = json.loads(text) if text.strip() else {"text": ""}
             except json.JSONDecodeError as error:
-                raise InputError(f"{source}:{number}: not valid JSON ({error.msg})") from None
+                yield number, None, bad_bytes, f"{source}:{number}: not valid JSON ({error.msg})"
+                continue
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InputError(f'{source}:{number}: expected an object with a string "text" field')
+                yield number, None, bad_bytes, f'{source}:{number}: expected an object with a string "text" field'
+                continue
             text = record["text"]
-        yield number, text, bad_bytes
+        yield number, text, bad_bytes, None
 
 
 def main(argv=None) -> int:
@@ -85,29 +90,31 @@ def main(argv=None) -> int:
     source = "<stdin>" if args.input == "-" else args.input
     in_stream = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
     out_stream = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    replaced_lines, written = [], 0
+    replaced_lines, rejected, written = [], [], 0
     progress = tqdm(desc="predict", unit="line", disable=args.output == "-", mininterval=2)
     try:
-        chunk = []
+        chunk = []  # (line number, text or None, error or None), in input order
 
         def flush():
             nonlocal written
-            for result in predictor.predict([text for _, text in chunk]):
+            results = iter(predictor.predict([text for _, text, error in chunk if error is None]))
+            for number, _, error in chunk:
+                # A rejected line keeps its place in the output, so output line N answers input line N.
+                result = {"line": number, "error": error} if error else next(results)
                 out_stream.write(json.dumps(result, ensure_ascii=False) + "\n")
             written += len(chunk)
             progress.update(len(chunk))
             chunk.clear()
 
-        for number, text, bad_bytes in read_texts(in_stream, input_format, source):
+        for number, text, bad_bytes, error in read_texts(in_stream, input_format, source):
             if bad_bytes:
                 replaced_lines.append(number)
-            chunk.append((number, text))
+            if error:
+                rejected.append(error)
+            chunk.append((number, text, error))
             if len(chunk) >= CHUNK_LINES:
                 flush()
         flush()
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         progress.close()
         if out_stream is not sys.stdout:
@@ -117,7 +124,12 @@ def main(argv=None) -> int:
     if replaced_lines:
         print(f"warning: {len(replaced_lines)} line(s) held bytes that are not UTF-8, replaced with U+FFFD: "
               f"lines {replaced_lines[:20]}{' ...' if len(replaced_lines) > 20 else ''}", file=sys.stderr)
-    print(f"predicted {written} line(s) -> {args.output}", file=sys.stderr)
+    for error in rejected[:20]:
+        print(f"warning: {error}; its output line holds the error instead of a prediction", file=sys.stderr)
+    if len(rejected) > 20:
+        print(f"warning: ... and {len(rejected) - 20} more rejected line(s)", file=sys.stderr)
+    print(f"wrote {written} line(s) -> {args.output} ({written - len(rejected)} predicted, {len(rejected)} rejected)",
+          file=sys.stderr)
     return 0
 
 

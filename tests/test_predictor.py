@@ -148,8 +148,64 @@ def test_predict_cli_reads_standard_input(checkpoint_dir, monkeypatch, capsys):
 def test_predict_cli_errors(checkpoint_dir, tmp_path, monkeypatch, capsys):
     assert run_predict_cli(["--checkpoint", str(tmp_path / "nope"), "--input", "-"], monkeypatch, b"") == 2
     assert "does not exist" in capsys.readouterr().err
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "a"}\n{"txt": "b"}\n', encoding="utf-8")
-    assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(bad), "--output",
-                            str(tmp_path / "o.jsonl")], monkeypatch) == 2
-    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(tmp_path / "absent.txt")],
+                           monkeypatch) == 2
+    assert "absent.txt does not exist" in capsys.readouterr().err
+
+
+# The prediction-input cases of the reliability issue: each yields exactly one output line, in order.
+HOSTILE_TEXT_LINES = [
+    "张三在北京工作。".encode(),
+    b"",                                   # empty
+    b" \t  \xe3\x80\x80 ",                # whitespace only (ASCII and U+3000)
+    ("北京" * 10_000).encode(),            # 20,000 characters
+    "控制\x01字符\x7f和\x1b[31m颜色".encode(),  # control characters
+    "😀李四🇨🇳去上海👍🏽".encode(),             # emoji, flags, skin-tone modifiers
+    b"caf\xe9 \xff\xfe \xe5\xbc",           # invalid UTF-8, a truncated sequence at the end
+    "王小明".encode(),
+]
+
+
+def test_predict_cli_hostile_text_lines(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "hostile.txt"
+    source.write_bytes(b"\n".join(HOSTILE_TEXT_LINES) + b"\n")
+    out = tmp_path / "out.jsonl"
+    assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(source), "--output", str(out),
+                            "--batch_size", "3"], monkeypatch) == 0
+    results = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    expected_texts = [raw.decode("utf-8", errors="replace") for raw in HOSTILE_TEXT_LINES]
+    assert [r["text"] for r in results] == expected_texts
+    for result in results:
+        assert len(result["labels"]) == len(result["text"])
+        for entity in result["entities"]:
+            assert entity["text"] == result["text"][entity["start"]:entity["end"]]
+    assert results[1]["labels"] == [] and all(label == "O" for label in results[2]["labels"])
+    assert "lines [7]" in capsys.readouterr().err
+    # Neighbours do not change a line's prediction: each line alone gives the same labels.
+    predictor = Predictor.from_checkpoint(checkpoint_dir, batch_size=3)
+    alone = [predictor.predict([text])[0]["labels"] for text in expected_texts]
+    assert [r["labels"] for r in results] == alone
+
+
+def test_predict_cli_bad_jsonl_lines_keep_their_place(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("\n".join([
+        '{"text": "张三在北京"}',
+        '{"text": "李四", ',          # cut off
+        '{"txt": "no text field"}',
+        '["a list"]',
+        '{"text": 42}',
+        '',
+        '{"text": "王小明去上海", "id": 7}',
+    ]) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(source), "--output", str(out)],
+                           monkeypatch) == 0
+    results = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(results) == 7
+    assert [r.get("text") for r in results] == ["张三在北京", None, None, None, None, "", "王小明去上海"]
+    assert [r.get("line") for r in results if "error" in r] == [2, 3, 4, 5]
+    assert "not valid JSON" in results[1]["error"] and "mixed.jsonl:2" in results[1]["error"]
+    assert 'string "text" field' in results[2]["error"]
+    err = capsys.readouterr().err
+    assert "mixed.jsonl:5" in err and "3 predicted, 4 rejected" in err
