@@ -45,27 +45,40 @@ def main(argv=None) -> int:
     from pipeline.data import DataError, load_splits
     from pipeline.models import (ModelUnavailableError, build_token_classifier, build_tokenizer,
                                  check_weights_available, resolve_model)
+    from pipeline.rundir import claim_checkpoint_dir
     from pipeline.runtime import set_device, set_seed, setup_logging
-    from pipeline.trainer import Trainer
+    from pipeline.trainer import NumericalError, Trainer
 
+    lock = None
     try:
         set_device(config.use_gpu)
         dist.init_distributed()
         setup_logging()
+        # One run per checkpoint_dir, and no previous results overwritten unasked (see pipeline/rundir.py).
+        lock = claim_checkpoint_dir(config)
         # Data and model availability are checked before anything slow (tokenising, building the model).
         splits = load_splits(config)
         spec = resolve_model(config.model)
         check_weights_available(spec)
     except (DataError, ModelUnavailableError, AssetError, ValueError, RuntimeError) as error:
+        if lock is not None:
+            lock.release()
         print(f"error: {error}", file=sys.stderr)
         return 2
-    set_seed(config.seed)  # same seed on every rank: identical head initialisation
-    tokenizer = build_tokenizer(spec, config.lower_case)
-    model = build_token_classifier(spec, splits.labels)
-    # Dropout should differ between ranks, as their batches do.
-    set_seed(config.seed + dist.get_rank())
-    trainer = Trainer(config, model, tokenizer, splits)
-    result = trainer.fit()
+    try:
+        set_seed(config.seed)  # same seed on every rank: identical head initialisation
+        tokenizer = build_tokenizer(spec, config.lower_case)
+        model = build_token_classifier(spec, splits.labels)
+        # Dropout should differ between ranks, as their batches do.
+        set_seed(config.seed + dist.get_rank())
+        trainer = Trainer(config, model, tokenizer, splits)
+        result = trainer.fit()
+    except NumericalError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    finally:
+        if lock is not None:
+            lock.release()
     # Every rank prints a digest of the weights it ends with: replicas that drifted apart show at once.
     print(f"[rank {dist.get_rank()}] final weights sha256 {weights_digest(trainer.model)}", flush=True)
     if dist.is_main_process():

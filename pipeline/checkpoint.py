@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,9 @@ MODEL_CONFIG_FILE = "config.json"
 OPTIMIZER_FILE = "optimizer.pdopt"
 TRAINING_STATE_FILE = "training_state.json"
 RNG_FILE = "rng.pdstate"
+SCALER_FILE = "loss_scaler.pdstate"
+# Test hook: seconds to pause in the middle of writing a checkpoint, so a test can kill the writer there.
+SAVE_DELAY_VARIABLE = "NERPIPE_TEST_SAVE_DELAY"
 FORMAT_VERSION = 1
 REQUIRED_FILES = (WEIGHTS_FILE, META_FILE, MODEL_CONFIG_FILE)
 
@@ -54,6 +59,12 @@ def float32_state_dict(model: paddle.nn.Layer) -> dict:
     return state
 
 
+def _test_pause() -> None:
+    delay = float(os.environ.get(SAVE_DELAY_VARIABLE, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
 def _replace_directory(temporary: Path, target: Path) -> None:
     """Move a finished directory into place, replacing an older one at ``target``."""
     previous = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -72,6 +83,7 @@ def save_model_checkpoint(directory, model, tokenizer, config: TrainConfig, labe
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
+    _test_pause()
     model.config.save_pretrained(str(temporary))
     tokenizer.save_pretrained(str(temporary))
     write_json(temporary / META_FILE, {
@@ -103,6 +115,16 @@ class InferenceBundle:
     meta: dict
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is damaged") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} should hold a JSON object; the checkpoint is damaged")
+    return value
+
+
 def read_meta(directory) -> dict:
     """``pipeline.json`` of a checkpoint, after checking the required files are there."""
     directory = Path(directory)
@@ -112,7 +134,7 @@ def read_meta(directory) -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {directory} is missing {missing}; is it a best_model/ directory "
                               f"written by train_dist.py?")
-    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    meta = _read_json(directory / META_FILE)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {directory} has format version {meta.get('format_version')!r}; "
                               f"this code reads version {FORMAT_VERSION}")
@@ -121,7 +143,13 @@ def read_meta(directory) -> dict:
 
 def load_weights(model: paddle.nn.Layer, path) -> None:
     """Load a state dict, failing on any missing, unexpected or mis-shaped weight."""
-    state = paddle.load(str(path))
+    try:
+        state = paddle.load(str(path))
+    except Exception as error:  # Paddle raises assorted types for truncated or foreign files
+        raise CheckpointError(f"{path} cannot be read as Paddle weights ({type(error).__name__}: {error}); "
+                              f"the file is damaged or not a .pdparams file") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -143,7 +171,7 @@ def load_inference_bundle(directory) -> InferenceBundle:
     directory = Path(directory)
     meta = read_meta(directory)
     labels = meta["labels"]
-    model_config = json.loads((directory / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    model_config = _read_json(directory / MODEL_CONFIG_FILE)
     saved_labels = model_config.get("id2label")
     if saved_labels is not None and [saved_labels[str(i)] for i in range(len(saved_labels))] != labels:
         raise CheckpointError(f"{directory}: the label list in {META_FILE} and id2label in {MODEL_CONFIG_FILE} differ")
@@ -186,11 +214,13 @@ def load_portable_optimizer_state(model, optimizer, state: dict) -> None:
     optimizer.set_state_dict(_rename_optimizer_keys(state, {f"@{n}": p.name for n, p in model.named_parameters()}))
 
 
-def save_training_state(output_dir, model, optimizer, schedule, config: TrainConfig, progress: dict) -> Path:
-    """Weights, optimiser, schedule, RNG and loop progress, written atomically; rank 0 only.
+def save_training_state(output_dir, model, optimizer, schedule, config: TrainConfig, progress: dict,
+                        rng_states: list, scaler_state: dict | None = None) -> Path:
+    """Weights, optimiser, schedule, RNG, loss scaler and loop progress, written atomically; rank 0 only.
 
     ``progress`` holds the loop's counters (``step``, ``epoch``, ``batches_done`` in that epoch,
-    best metric so far...) as JSON-serialisable values.
+    best metric so far...) as JSON-serialisable values; ``rng_states`` is every rank's Paddle RNG
+    state in rank order (ranks draw different dropout masks).
     """
     target = training_state_dir(output_dir, progress["step"])
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -198,9 +228,12 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
+    _test_pause()
     paddle.save(portable_optimizer_state(model, optimizer), str(temporary / OPTIMIZER_FILE))
     # Dropout draws from Paddle's generator: restoring it makes a resumed run repeat the same masks.
-    paddle.save({"paddle": paddle.get_rng_state()}, str(temporary / RNG_FILE))
+    paddle.save({"paddle_per_rank": list(rng_states)}, str(temporary / RNG_FILE))
+    if scaler_state is not None:
+        paddle.save(scaler_state, str(temporary / SCALER_FILE))
     write_json(temporary / TRAINING_STATE_FILE, {**progress, "schedule": schedule.state_dict()})
     save_config(config, temporary / TRAIN_CONFIG_FILE)
     _replace_directory(temporary, target)
@@ -228,8 +261,10 @@ def latest_training_state(output_dir) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_training_state(directory, model, optimizer, schedule) -> dict:
-    """Restore weights, optimiser, schedule and RNG from ``directory``; return the loop progress."""
+def load_training_state(directory, model, optimizer, schedule, rank: int = 0, world_size: int = 1,
+                        scaler=None) -> dict:
+    """Restore weights, optimiser, schedule, this rank's RNG and the loss scaler from ``directory``;
+    return the loop progress."""
     directory = Path(directory)
     missing = [n for n in (WEIGHTS_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, RNG_FILE) if not (directory / n).is_file()]
     if missing:
@@ -238,7 +273,15 @@ def load_training_state(directory, model, optimizer, schedule) -> dict:
     load_portable_optimizer_state(model, optimizer, paddle.load(str(directory / OPTIMIZER_FILE)))
     state = json.loads((directory / TRAINING_STATE_FILE).read_text(encoding="utf-8"))
     schedule.set_state_dict(state.pop("schedule"))
-    paddle.set_rng_state(paddle.load(str(directory / RNG_FILE))["paddle"])
+    rng = paddle.load(str(directory / RNG_FILE))
+    per_rank = rng["paddle_per_rank"] if "paddle_per_rank" in rng else [rng["paddle"]]  # states before per-rank RNG
+    if len(per_rank) != world_size:
+        logging.getLogger(__name__).warning(
+            "%s was written by %d workers and is resumed by %d: dropout masks will differ from an "
+            "uninterrupted run (everything else is restored exactly)", directory, len(per_rank), world_size)
+    paddle.set_rng_state(per_rank[rank % len(per_rank)])
+    if scaler is not None and (directory / SCALER_FILE).is_file():
+        scaler.load_state_dict(paddle.load(str(directory / SCALER_FILE)))
     return state
 
 

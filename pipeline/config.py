@@ -77,6 +77,9 @@ class TrainConfig:
     amp: str = _doc("Automatic mixed precision: off, fp16 (GPU, dynamic loss scaling) or bf16.", "off")
     amp_level: str = _doc("AMP level: O1 (casts per op) or O2 (parameters cast too).", "O1")
     init_loss_scaling: float = _doc("Initial loss scale for fp16.", 32768.0)
+    max_bad_steps: int = _doc(
+        "A step whose loss or gradients are NaN/Inf is skipped (no update) and counted; this many such steps "
+        "in a row stop the run with an error naming the step and the last good checkpoint.", 10)
 
     # --- evaluation, saving, logging ---
     eval_interval: int = _doc("Evaluate on dev every N optimiser steps (0: only at the end of each epoch).", 0)
@@ -91,6 +94,9 @@ class TrainConfig:
         "auto",
     )
     checkpoint_dir: str = _doc("Where best_model/, checkpoints, metrics and VisualDL logs go.", "outputs/msra_ner")
+    overwrite: bool = _doc(
+        "Starting fresh (nothing to resume) in a checkpoint_dir that holds a previous run's results is refused "
+        "unless this is true; then those results are deleted first.", False)
     do_test: bool = _doc("After training, evaluate the best model on the test file.", True)
     use_gpu: bool = _doc("Train on GPU (one per worker; pick them with launch's --gpus).", False)
     use_vdl: bool = _doc("Write VisualDL scalars under checkpoint_dir/vdl.", True)
@@ -102,7 +108,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Reject impossible values, naming the key."""
         positive = ("max_seq_len", "epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_interval",
-                    "keep_checkpoints")
+                    "keep_checkpoints", "max_bad_steps")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")

@@ -59,6 +59,15 @@ def _all_reduce(values: np.ndarray, op) -> np.ndarray:
     return tensor.numpy()
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's ``value`` (picklable), in rank order; collective."""
+    if not is_initialized():
+        return [value]
+    gathered: list = []
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     """Sum a numeric array over all ranks (identity in one process)."""
     return _all_reduce(values, dist.ReduceOp.SUM)

@@ -38,6 +38,20 @@ DEV_HISTORY_FILE = "dev_metrics.jsonl"
 TRAIN_HISTORY_FILE = "train_metrics.jsonl"
 
 
+class NumericalError(RuntimeError):
+    """Too many optimiser steps in a row whose loss or gradients were NaN/Inf."""
+
+
+def gradients_finite(parameters) -> bool:
+    """True when no gradient holds NaN/Inf: one host sync per step, for a handful of small ops.
+
+    Checked after backward, when data-parallel gradients are already all-reduced: every rank
+    sees the same gradients and so takes the same decision without another collective.
+    """
+    flags = [paddle.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+    return bool(paddle.stack(flags).all()) if flags else True
+
+
 class FeatureDataset(Dataset):
     """Training windows held in memory: tokenised once, before the first step."""
 
@@ -61,6 +75,7 @@ class TrainingResult:
     test: dict | None
     stopped_early: bool = False
     history: list = field(default_factory=list)
+    bad_steps: int = 0  # steps skipped because their loss or gradients were not finite
 
 
 class AmpPolicy:
@@ -218,18 +233,21 @@ class Trainer:
         epochs = math.ceil(total_steps / steps_per_epoch)
         optimizer, schedule = build_optimizer(config, self.model, total_steps)
         step, best_metric, best_dev, evals_without_gain = 0, None, None, 0
-        history, stopped_early = [], False
+        history, stopped_early, bad_steps, bad_in_a_row = [], False, 0, 0
         start_epoch, skip_batches, resumed_evaluated_at = 0, 0, None
         source = self._resume_source()
         if source is not None:
             # Before AMP decoration and DataParallel, so both start from the restored weights.
-            progress = load_training_state(source, self.model, optimizer, schedule)
+            progress = load_training_state(source, self.model, optimizer, schedule, dist.get_rank(),
+                                           dist.get_world_size(), self.amp.scaler)
             step, start_epoch, skip_batches = progress["step"], progress["epoch"], progress["batches_done"]
             best_metric, best_dev = progress["best_metric"], progress["best_dev"]
             evals_without_gain, history = progress["evals_without_gain"], progress["history"]
-            resumed_evaluated_at = progress["evaluated_at"]
+            resumed_evaluated_at, bad_steps = progress["evaluated_at"], progress.get("bad_steps", 0)
             logger.warning("resumed from %s at step %d (epoch %d, %d batches into it)", source, step, start_epoch,
                            skip_batches)
+            if self.is_main:
+                self._truncate_histories(history, step)
         self.model, optimizer = self.amp.decorate(self.model, optimizer)
         wrapped = dist.wrap_for_training(self.model)
         self._open_writer()
@@ -287,8 +305,26 @@ class Trainer:
                            input_ids.size)
                 if not boundary:
                     continue
-                self.amp.step(optimizer)
+                if gradients_finite(self.model.parameters()):
+                    self.amp.step(optimizer)
+                    bad_in_a_row = 0
+                else:
+                    bad_steps, bad_in_a_row = bad_steps + 1, bad_in_a_row + 1
+                    if self.amp.scaler:
+                        self.amp.step(optimizer)  # the fp16 scaler skips the update itself and lowers the scale
+                    if self.is_main:
+                        logger.warning("step %d: loss or gradients are NaN/Inf; update skipped (%d in a row, %d in "
+                                       "all)", step + 1, bad_in_a_row, bad_steps)
+                    if bad_in_a_row >= config.max_bad_steps:
+                        last_state = latest_training_state(self.output_dir)
+                        raise NumericalError(
+                            f"stopping at step {step + 1}: {bad_in_a_row} steps in a row (from step "
+                            f"{step + 2 - bad_in_a_row}) had NaN/Inf loss or gradients (max_bad_steps="
+                            f"{config.max_bad_steps}). Last good training state: {last_state or 'none written'}; "
+                            f"best model so far: {self.best_dir if self.best_dir.is_dir() else 'none saved'}. "
+                            f"Lower learning_rate, check the data, or turn amp off.")
                 optimizer.clear_grad()
+                # A skipped step still counts, as with the fp16 scaler: steps and batches stay in lockstep.
                 schedule.step()
                 step += 1
                 bar.update(1)
@@ -301,13 +337,17 @@ class Trainer:
                         stopped_early = done = True
                     window.exclude(time.perf_counter() - eval_started)  # throughput counts training time only
                 # After the evaluation, so that the state carries this step's best metric.
-                if config.save_interval and step % config.save_interval == 0 and self.is_main:
-                    save_training_state(self.output_dir, self.model, optimizer, schedule, config, {
-                        "step": step, "epoch": epoch, "batches_done": batch_index + 1, "best_metric": best_metric,
-                        "best_dev": best_dev, "evals_without_gain": evals_without_gain, "history": history,
-                        "evaluated_at": evaluated_at})
-                    # Only after the new state is complete, so a crash here never leaves fewer than before.
-                    prune_training_states(self.output_dir, config.keep_checkpoints)
+                if config.save_interval and step % config.save_interval == 0:
+                    rng_states = dist.all_gather_objects(paddle.get_rng_state())  # collective: every rank
+                    if self.is_main:
+                        save_training_state(self.output_dir, self.model, optimizer, schedule, config, {
+                            "step": step, "epoch": epoch, "batches_done": batch_index + 1,
+                            "best_metric": best_metric, "best_dev": best_dev,
+                            "evals_without_gain": evals_without_gain, "history": history,
+                            "evaluated_at": evaluated_at, "bad_steps": bad_steps},
+                            rng_states, self.amp.scaler.state_dict() if self.amp.scaler else None)
+                        # Only after the new state is complete, so a crash here never leaves fewer than before.
+                        prune_training_states(self.output_dir, config.keep_checkpoints)
                 if step >= total_steps:
                     done = True
                 if done:
@@ -338,7 +378,19 @@ class Trainer:
             dist.barrier()
         if self.writer is not None:
             self.writer.close()
-        return TrainingResult(step, best_metric, best_dev, test_summary, stopped_early, history)
+        if bad_steps and self.is_main:
+            logger.warning("%d step(s) were skipped because their loss or gradients were NaN/Inf", bad_steps)
+        return TrainingResult(step, best_metric, best_dev, test_summary, stopped_early, history, bad_steps)
+
+    def _truncate_histories(self, history: list, step: int):
+        """After a resume, drop what the interrupted run logged past the state it resumes from."""
+        lines = [json.dumps(record) + "\n" for record in history]
+        (self.output_dir / DEV_HISTORY_FILE).write_text("".join(lines), encoding="utf-8")
+        train_log = self.output_dir / TRAIN_HISTORY_FILE
+        if train_log.is_file():
+            kept = [line for line in train_log.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= step]
+            train_log.write_text("".join(kept), encoding="utf-8")
 
     def _log_training(self, window: "_Window", step: int, learning_rate: float, bar):
         # Summed over ranks so the figures describe the whole job; every rank reaches this at the same step.

@@ -115,6 +115,38 @@ def test_predictor_rejects_incomplete_or_mismatched_checkpoints(checkpoint_dir, 
         Predictor.from_checkpoint(other_labels)
 
 
+def test_predictor_rejects_damaged_or_foreign_checkpoints(checkpoint_dir, tmp_path):
+    import shutil
+
+    from pipeline.checkpoint import CheckpointError
+
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(checkpoint_dir, target)
+        return target
+
+    truncated = copy("truncated")
+    data = (truncated / "model.pdparams").read_bytes()
+    (truncated / "model.pdparams").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot be read as Paddle weights"):
+        Predictor.from_checkpoint(truncated)
+    damaged_meta = copy("damaged_meta")
+    (damaged_meta / "pipeline.json").write_text('{"labels": [', encoding="utf-8")
+    with pytest.raises(CheckpointError, match="pipeline.json is not valid JSON"):
+        Predictor.from_checkpoint(damaged_meta)
+    # Weights of another architecture (a wider head and an extra layer) under this config.
+    foreign = copy("foreign")
+    state = paddle.load(str(foreign / "model.pdparams"))
+    state = {k: (paddle.zeros([v.shape[0], 3]) if k.endswith("classifier.weight") else v) for k, v in state.items()}
+    paddle.save(state, str(foreign / "model.pdparams"))
+    with pytest.raises(CheckpointError, match=r"classifier.weight: \[32, 3\] vs \[32, 7\]"):
+        Predictor.from_checkpoint(foreign)
+    del state[next(k for k in state if "encoder.layers.1." in k)]
+    paddle.save(state, str(foreign / "model.pdparams"))
+    with pytest.raises(CheckpointError, match="missing"):
+        Predictor.from_checkpoint(foreign)
+
+
 def run_predict_cli(args, monkeypatch, stdin_bytes: bytes | None = None):
     import io
     import sys

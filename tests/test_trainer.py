@@ -92,6 +92,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_at_the_exact_step(tiny_model_di
     assert steps_run == [4, 5, 6], "the resumed run must run exactly the remaining steps"
     assert resumed.global_step == 6
     assert [r["step"] for r in resumed.history] == [r["step"] for r in whole.history] == [2, 4, 6]
+    # The crashed run had logged step 4's evaluation and steps 4-5 after its last state: rewritten, not doubled.
+    logged_evals = [json.loads(line)["step"] for line in (out / "dev_metrics.jsonl").read_text().splitlines()]
+    logged_steps = [json.loads(line)["step"] for line in (out / "train_metrics.jsonl").read_text().splitlines()]
+    assert logged_evals == [2, 4, 6] and logged_steps == [1, 2, 3, 4, 5, 6]
     # Same batches, same learning rates, same dropout masks: the same weights, up to float rounding.
     final = {k: v.numpy() for k, v in resumed_trainer.model.state_dict().items()}
     for name, value in reference.model.state_dict().items():
@@ -115,3 +119,55 @@ def test_resume_off_starts_fresh_and_bad_resume_paths_are_rejected(tiny_model_di
     assert fresh.global_step == 2 and [r["step"] for r in fresh.history] == [2]
     with pytest.raises(ConfigError, match="resume must be"):
         TrainConfig(resume=str(tmp_path / "nowhere"))
+
+
+def poison_training_forward(monkeypatch, bad_calls: set):
+    """Make the training forward pass return NaN logits on the given (1-based) calls; evaluation is untouched."""
+    import pipeline.trainer as trainer_module
+
+    original, calls = trainer_module.token_logits, [0]
+
+    def poisoned(model, input_ids):
+        calls[0] += 1
+        logits = original(model, input_ids)
+        return logits * float("nan") if calls[0] in bad_calls else logits
+
+    monkeypatch.setattr(trainer_module, "token_logits", poisoned)
+
+
+def test_nan_steps_are_skipped_and_counted(tiny_model_dir, tiny_dataset_dir, tmp_path, monkeypatch):
+    poison_training_forward(monkeypatch, {2, 3})
+    digests = {}
+    original_log = Trainer._log_training
+
+    def record(self, window, step, learning_rate, bar):
+        from pipeline.checkpoint import weights_digest
+
+        digests[step] = weights_digest(self.model)
+        original_log(self, window, step, learning_rate, bar)
+
+    monkeypatch.setattr(Trainer, "_log_training", record)
+    result = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", max_steps=5, max_bad_steps=3,
+                          do_test=False).fit()
+    assert result.global_step == 5 and result.bad_steps == 2
+    # Steps 2 and 3 changed nothing; the steps around them did.
+    assert digests[1] == digests[2] == digests[3] != digests[4] != digests[5]
+    state = paddle.load(str(tmp_path / "out" / "best_model" / "model.pdparams"))
+    assert all(np.isfinite(tensor.numpy()).all() for tensor in state.values())
+
+
+def test_too_many_nan_steps_in_a_row_stop_the_run(tiny_model_dir, tiny_dataset_dir, tmp_path, monkeypatch):
+    from pipeline.trainer import NumericalError
+
+    poison_training_forward(monkeypatch, set(range(3, 100)))
+    trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", max_steps=20, max_bad_steps=3,
+                           save_interval=2, eval_interval=2, do_test=False)
+    with pytest.raises(NumericalError) as caught:
+        trainer.fit()
+    message = str(caught.value)
+    # Steps 3, 4 and 5 were bad: it stops at 5 and points at the newest state (step 4: skipped steps
+    # leave the weights untouched, so it holds step 2's finite weights).
+    assert "stopping at step 5" in message and "from step 3" in message
+    assert "step-00000004" in message and "best_model" in message
+    state = paddle.load(str(tmp_path / "out" / "checkpoints" / "step-00000004" / "model.pdparams"))
+    assert all(np.isfinite(tensor.numpy()).all() for tensor in state.values())

@@ -1,0 +1,207 @@
+"""Who owns a ``checkpoint_dir``, and what a previous run left in it.
+
+One training run writes into a checkpoint directory at a time. Rank 0 holds a
+lock file there naming its host, pid and process start time, refreshed by a
+heartbeat thread. A second run stops with an error naming the owner; a lock
+whose owner is gone (same host: the process no longer exists; another host:
+no heartbeat for ``STALE_AFTER_SECONDS``) is taken over.
+
+A directory holding a previous run's outputs is never silently overwritten:
+resuming continues it, ``overwrite: true`` clears it, anything else is an error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+HEARTBEAT_SECONDS = 30
+# A lock from another host cannot be checked for a live process; only a silent heartbeat proves it dead.
+STALE_AFTER_SECONDS = 10 * 60
+# What a run writes at the top of checkpoint_dir. Results are never deleted without `overwrite`;
+# the rest, left alone by a run that died before its first evaluation or checkpoint, is cleared.
+RUN_RESULTS = ("best_model", "checkpoints", "dev_metrics.jsonl", "test_metrics.json")
+RUN_LOGS = ("train_config.yaml", "train_metrics.jsonl", "vdl")
+
+
+class RunDirError(RuntimeError):
+    """checkpoint_dir is in use by another run, or holds a previous run that may not be overwritten."""
+
+
+def _process_start_time(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused pid from the owner."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _process_alive(pid: int, start_time: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    current = _process_start_time(pid)
+    return start_time is None or current is None or current == start_time
+
+
+class RunLock:
+    """An exclusive claim on a checkpoint directory, held by one process until ``release``."""
+
+    def __init__(self, directory):
+        self.path = Path(directory) / LOCK_FILE
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
+                      "start_time": _process_start_time(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._stop = threading.Event()
+        self._thread = None
+
+    def describe(self, owner: dict) -> str:
+        return f"pid {owner.get('pid')} on host {owner.get('host')} (since {owner.get('since')})"
+
+    def _stale_reason(self, owner: dict) -> str | None:
+        """Why the lock's owner is known to be gone, or None when it may still be running."""
+        if owner.get("host") == self.owner["host"]:
+            if not _process_alive(int(owner.get("pid", -1)), owner.get("start_time")):
+                return "its process no longer exists"
+            return None
+        try:
+            silent = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return "it was released"
+        if silent > STALE_AFTER_SECONDS:
+            return f"its heartbeat stopped {silent / 60:.0f} minutes ago"
+        return None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+                except (OSError, json.JSONDecodeError):
+                    owner = {}  # a lock being written right now, or garbage: treat it by its age below
+                reason = self._stale_reason(owner)
+                if reason is None:
+                    raise RunDirError(
+                        f"{self.path.parent} is in use by another training run: {self.describe(owner)} holds "
+                        f"{self.path}. Wait for it to finish, use another checkpoint_dir, or delete the lock "
+                        f"file if you are sure that run is dead.") from None
+                logger.warning("taking over %s from %s: %s", self.path, self.describe(owner), reason)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(self.owner, handle)
+            self._thread = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
+            self._thread.start()
+            return
+        raise RunDirError(f"could not take {self.path}: other processes keep creating it")
+
+    def _heartbeat(self):
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            owner = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return
+        if owner.get("pid") == self.owner["pid"] and owner.get("host") == self.owner["host"]:
+            self.path.unlink(missing_ok=True)
+
+
+def previous_run_results(directory) -> list[str]:
+    """Names of a previous run's results present in ``directory``."""
+    directory = Path(directory)
+    return [name for name in RUN_RESULTS
+            if (directory / name).exists() and not ((directory / name).is_dir() and not any((directory / name).iterdir()))]
+
+
+def _delete(paths) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def restore_interrupted_replacements(directory) -> list[Path]:
+    """Put back a directory whose replacement was interrupted between its two renames.
+
+    ``checkpoint._replace_directory`` moves ``X`` to ``.X.old-PID`` and then the new copy to ``X``;
+    a crash between the two leaves only the old copy, which is renamed back here.
+    """
+    restored = []
+    for old in sorted(Path(directory).glob(".*.old-*")):
+        target = old.with_name(old.name[1:].rsplit(".old-", 1)[0])
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
+            logger.warning("restored %s from an interrupted replacement", target)
+            restored.append(target)
+    # Half-written copies of an interrupted save; the lock guarantees nobody is writing them now.
+    _delete(Path(directory).glob(".*.tmp-*"))
+    return restored
+
+
+def prepare_run_directory(directory, resuming: bool, overwrite: bool) -> None:
+    """Refuse to start fresh over a previous run unless ``overwrite``; clear it when told to."""
+    directory = Path(directory)
+    restore_interrupted_replacements(directory)
+    if (directory / "checkpoints").is_dir():
+        restore_interrupted_replacements(directory / "checkpoints")
+    if resuming:
+        return
+    found = previous_run_results(directory)
+    if found and not overwrite:
+        raise RunDirError(
+            f"{directory} holds a previous run ({', '.join(found)}) and there is no training state to resume "
+            f"from (resume: auto finds checkpoints/step-* written every save_interval steps). Set overwrite=true "
+            f"to delete it and start again, or choose another checkpoint_dir.")
+    if found:
+        logger.warning("overwrite: deleting the previous run's %s in %s", ", ".join(found), directory)
+    # Logs of the previous run would otherwise mix with this one's.
+    _delete([directory / name for name in (*found, *RUN_LOGS) if (directory / name).exists()])
+
+
+def claim_checkpoint_dir(config) -> RunLock | None:
+    """Rank 0 locks and prepares ``config.checkpoint_dir``; every rank learns whether that worked.
+
+    Returns rank 0's lock (None elsewhere); raises RunDirError on every rank when it failed.
+    """
+    import numpy as np
+
+    from . import dist
+    from .checkpoint import latest_training_state
+
+    lock, failure = None, ""
+    if dist.is_main_process():
+        try:
+            candidate = RunLock(config.checkpoint_dir)
+            candidate.acquire()
+            lock = candidate
+            resuming = config.resume != "off" and (
+                config.resume != "auto" or latest_training_state(config.checkpoint_dir) is not None)
+            prepare_run_directory(config.checkpoint_dir, resuming=resuming, overwrite=config.overwrite)
+        except (RunDirError, OSError) as error:
+            failure = str(error)
+            if lock is not None:
+                lock.release()
+                lock = None
+    if dist.all_reduce_max(np.array([1 if failure else 0], dtype=np.int64))[0]:
+        raise RunDirError(failure or f"rank 0 could not claim {config.checkpoint_dir}; its log says why")
+    return lock
