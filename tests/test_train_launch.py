@@ -121,3 +121,19 @@ def test_two_worker_relaunch_resumes_from_the_newest_state(tiny_model_dir, tiny_
     digests = {line.split()[-1] for rank in (0, 1)
                for line in (second_logs / f"workerlog.{rank}").read_text().splitlines() if "final weights sha256" in line}
     assert len(digests) == 1
+
+
+def test_bad_data_stops_train_dist_before_any_model_is_built(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, data)
+    lines = (data / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    lines[5] = lines[5].split("\t")[0] + "\tO"  # one label for a sentence of several characters
+    (data / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "train_dist.py", *overrides(tiny_model_dir, data, tmp_path / "out")],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 2
+    assert f"{data / 'dev.tsv'}:6:" in done.stderr and "labels" in done.stderr
+    assert "BertForTokenClassification" not in done.stdout + done.stderr  # no model was built
+    assert not (tmp_path / "out" / "run.lock").exists()  # and the lock was given back
