@@ -1,0 +1,121 @@
+"""Helpers shared by the benchmarks: machine line, peak RSS, min/median/max formatting.
+
+Nothing here imports Paddle: benchmark children set the CPU thread variables
+(``pipeline.cpu_env``) first and only then import it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import statistics
+import sys
+from importlib import metadata
+
+
+def cpu_model() -> str:
+    """``model name`` from /proc/cpuinfo (or the platform's processor string)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity mask), as pipeline.cpu_env counts them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def package_version(name: str) -> str:
+    """Installed version of a distribution, read from its metadata (does not import it)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict:
+    """CPU, cores, memory and the versions that matter for a training benchmark."""
+    memory_gib = None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    memory_gib = int(line.split()[1]) / 2**20
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "memory_gib": round(memory_gib, 1) if memory_gib else None,
+        "python": platform.python_version(),
+        "paddle": package_version("paddlepaddle"),
+        "paddlenlp": package_version("paddlenlp"),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def machine_line(info: dict) -> str:
+    mem = f", {info['memory_gib']} GiB" if info.get("memory_gib") else ""
+    return (f"{info['cpu']}, {info['cores']} cores{mem}; python {info['python']}, paddlepaddle {info['paddle']}, "
+            f"paddlenlp {info['paddlenlp']}")
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def command_line() -> str:
+    """The command as typed (interpreter and script), quoted where needed."""
+    import shlex
+
+    return " ".join(shlex.quote(part) for part in [sys.executable, *sys.argv])
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (VmHWM, else ru_maxrss)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def summary(values) -> dict | None:
+    """min / median / max of a list of numbers (None for an empty list)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def fmt_mmm(stats: dict | None, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+    """'median (min..max)' of a summary; '-' when there is none."""
+    if not stats:
+        return "-"
+    med, low, high = (fmt.format(stats[k] * scale) for k in ("median", "min", "max"))
+    return f"{med} ({low}..{high})" if stats["n"] > 1 else med
+
+
+def ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Plain-text table with columns padded to their widest cell."""
+    cells = [header] + rows
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
