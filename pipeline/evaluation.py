@@ -16,8 +16,12 @@ from .metrics import EntityCounts
 
 
 def evaluate(labeller: TokenLabeller, examples: list[Example], description: str = "eval",
-             show_progress: bool = True) -> EntityCounts:
-    """Entity counts summed over all ranks; every rank must call this (it ends in a collective)."""
+             show_progress: bool = True, keep_predictions: bool = False):
+    """Entity counts summed over all ranks; every rank must call this (it ends in a collective).
+
+    With ``keep_predictions`` it returns ``(counts, predictions)``: every example's predicted
+    labels in the examples' order, gathered from all ranks (on every rank).
+    """
     types = entity_types(labeller.labels)
     counts = EntityCounts(types)
     mine = dist.shard_indices(len(examples))
@@ -26,11 +30,21 @@ def evaluate(labeller: TokenLabeller, examples: list[Example], description: str 
     chunk_size = labeller.batch_size * 4
     progress = tqdm(total=len(mine), desc=description, unit="sent", leave=False, mininterval=5,
                     disable=not (show_progress and dist.is_main_process()))
+    kept = {}
     for begin in range(0, len(mine), chunk_size):
-        chunk = [examples[i] for i in mine[begin: begin + chunk_size]]
+        indices = mine[begin: begin + chunk_size]
+        chunk = [examples[i] for i in indices]
         predicted = labeller.label([example.tokens for example in chunk])
         counts.update([example.labels for example in chunk], predicted)
+        if keep_predictions:
+            kept.update(zip(indices, predicted))
         progress.update(len(chunk))
     progress.close()
     # Every rank reaches this line exactly once, whatever its share's size.
-    return EntityCounts.from_vector(types, dist.all_reduce_sum(counts.to_vector()))
+    total = EntityCounts.from_vector(types, dist.all_reduce_sum(counts.to_vector()))
+    if not keep_predictions:
+        return total
+    merged = {}
+    for share in dist.all_gather_objects(kept):
+        merged.update(share)
+    return total, [merged[i] for i in range(len(examples))]

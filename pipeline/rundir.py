@@ -29,7 +29,7 @@ STALE_AFTER_SECONDS = 10 * 60
 # What a run writes at the top of checkpoint_dir. Results are never deleted without `overwrite`;
 # the rest, left alone by a run that died before its first evaluation or checkpoint, is cleared.
 RUN_RESULTS = ("best_model", "checkpoints", "dev_metrics.jsonl", "test_metrics.json")
-RUN_LOGS = ("train_config.yaml", "train_metrics.jsonl", "vdl")
+RUN_LOGS = ("train_config.yaml", "train_metrics.jsonl", "test_predictions.jsonl", "vdl")
 
 
 class RunDirError(RuntimeError):

@@ -36,6 +36,7 @@ BEST_MODEL_DIR = "best_model"
 TEST_METRICS_FILE = "test_metrics.json"
 DEV_HISTORY_FILE = "dev_metrics.jsonl"
 TRAIN_HISTORY_FILE = "train_metrics.jsonl"
+TEST_PREDICTIONS_FILE = "test_predictions.jsonl"
 
 
 class NumericalError(RuntimeError):
@@ -364,8 +365,16 @@ class Trainer:
         test_summary = None
         if self.splits.test is not None:
             self._load_best()
-            test_summary = self.evaluate_split(self.splits.test, "test")
+            counts, predictions = evaluate(self.labeller(), self.splits.test, description="test",
+                                           keep_predictions=True)
+            test_summary = counts.summary()
             if self.is_main:
+                # What the test metrics were computed from, so anyone can recompute them (e.g. with seqeval).
+                with open(self.output_dir / TEST_PREDICTIONS_FILE, "w", encoding="utf-8") as handle:
+                    for example, predicted in zip(self.splits.test, predictions):
+                        handle.write(json.dumps({"source": example.source, "tokens": example.tokens,
+                                                 "gold": example.labels, "predicted": predicted},
+                                                ensure_ascii=False) + "\n")
                 logger.info("test (best model): precision %.4f recall %.4f f1 %.4f", test_summary["precision"],
                             test_summary["recall"], test_summary["f1"])
                 write_json(self.output_dir / TEST_METRICS_FILE, {"step": best_step(history, best_metric,

@@ -38,3 +38,25 @@ def test_two_rank_evaluation_sums_to_the_single_process_counts(tiny_model_dir, t
     assert summed.summary()["num_gold"] == sum(
         len([t for t in e.labels if t.startswith("B-")]) for e in examples)
     assert isinstance(whole, EntityCounts) and whole.summary()["num_predicted"] > 0
+
+
+def test_kept_predictions_are_the_labellers_and_give_seqeval_the_same_metrics(tiny_model_dir, tiny_dataset_dir):
+    import warnings
+
+    from paddlenlp.transformers import BertTokenizer
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    tokenizer = BertTokenizer.from_pretrained(str(tiny_model_dir))
+    examples, _ = read_examples(tiny_dataset_dir / "test.tsv")
+    # A random per-token model: some entities right, many wrong, so the metrics are far from 0 and 1.
+    labeller = TokenLabeller(PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS), seed=5),
+                             Aligner(tokenizer, 32), MSRA_LABELS, batch_size=4)
+    counts, predictions = evaluation.evaluate(labeller, examples, show_progress=False, keep_predictions=True)
+    assert predictions == labeller.label([e.tokens for e in examples])  # in the examples' order
+    summary, gold = counts.summary(), [e.labels for e in examples]
+    assert summary["num_predicted"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, function in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+            assert summary[name] == pytest.approx(function(gold, predictions, mode="strict", scheme=IOB2)), name

@@ -70,6 +70,25 @@ def assert_complete_run(out_dir: Path, data_dir: Path, evaluations: int):
     return metrics
 
 
+def assert_test_metrics_match_seqeval(out_dir: Path, test_file: Path):
+    """The saved test predictions, gathered from every rank, give seqeval the metrics we reported."""
+    import warnings
+
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    records = [json.loads(line) for line in (out_dir / "test_predictions.jsonl").read_text().splitlines()]
+    examples, _ = read_examples(test_file)
+    assert [r["tokens"] for r in records] == [e.tokens for e in examples]  # every sentence, in file order
+    assert [r["gold"] for r in records] == [e.labels for e in examples]
+    gold, predicted = [r["gold"] for r in records], [r["predicted"] for r in records]
+    reported = json.loads((out_dir / "test_metrics.json").read_text())["test"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seqeval warns when nothing was predicted
+        for name, function in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+            assert reported[name] == pytest.approx(function(gold, predicted, mode="strict", scheme=IOB2)), name
+
+
 @pytest.mark.slow
 def test_single_process_training(tiny_model_dir, tiny_dataset_dir, tmp_path):
     out_dir = tmp_path / "single"
@@ -85,6 +104,7 @@ def test_two_worker_launch_then_predict(tiny_model_dir, tiny_dataset_dir, tmp_pa
     run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
          "train_dist.py", *overrides(tiny_model_dir, tiny_dataset_dir, out_dir)], log_hint=log_dir)
     assert_complete_run(out_dir, tiny_dataset_dir, evaluations=2)
+    assert_test_metrics_match_seqeval(out_dir, tiny_dataset_dir / "test.tsv")
     worker_logs = {p.name: p.read_text() for p in log_dir.glob("workerlog.*")}
     assert set(worker_logs) == {"workerlog.0", "workerlog.1"}
     assert "[rank 0]" in worker_logs["workerlog.0"] and "test (best model)" in worker_logs["workerlog.0"]

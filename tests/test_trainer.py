@@ -34,6 +34,11 @@ def test_training_learns_the_synthetic_task(tiny_model_dir, tiny_dataset_dir, tm
     # What was saved is what was measured: best_model/metrics.json holds the selected dev record.
     saved = json.loads((tmp_path / "out" / "best_model" / "metrics.json").read_text())
     assert saved["dev"]["f1"] == result.best_dev["f1"] and saved["test"] == result.test
+    # A model that finds entities: the reported test P/R/F1 equal seqeval's on the saved predictions.
+    from test_train_launch import assert_test_metrics_match_seqeval
+
+    assert 0 < result.test["precision"] < 1 or 0 < result.test["recall"] < 1 or result.test["f1"] == 1
+    assert_test_metrics_match_seqeval(tmp_path / "out", tiny_dataset_dir / "test.tsv")
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tiny_model_dir, tiny_dataset_dir, tmp_path):
