@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     try:
         set_seed(config.seed)  # same seed on every rank: identical head initialisation
         tokenizer = build_tokenizer(spec, config.lower_case)
-        model = build_token_classifier(spec, splits.labels)
+        model = build_token_classifier(spec, splits.labels, config.head)
         # Dropout should differ between ranks, as their batches do.
         set_seed(config.seed + dist.get_rank())
         trainer = Trainer(config, model, tokenizer, splits)

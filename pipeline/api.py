@@ -11,8 +11,8 @@ def load_dataset(config: TrainConfig) -> DataSplits:
     return load_splits(config)
 
 
-def load_model(name_or_path: str, labels: list[str], lower_case: bool | None = None):
-    """``(model, tokenizer)``: an encoder with a token-classification head for ``labels``."""
+def load_model(name_or_path: str, labels: list[str], lower_case: bool | None = None, head: str = "linear"):
+    """``(model, tokenizer)``: an encoder with a token-classification head ('linear' or 'crf') for ``labels``."""
     spec = resolve_model(name_or_path)
     check_weights_available(spec)
-    return build_token_classifier(spec, labels), build_tokenizer(spec, lower_case)
+    return build_token_classifier(spec, labels, head), build_tokenizer(spec, lower_case)

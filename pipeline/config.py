@@ -20,6 +20,7 @@ COMPARE_METRICS = ("f1", "precision", "recall")
 DATA_FORMATS = ("auto", "tsv", "conll", "jsonl")
 TAG_SCHEMES = ("auto", "bio", "bioes", "bmes")
 TEXT_UNITS = ("char", "word")
+HEADS = ("linear", "crf")
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,8 @@ class TrainConfig:
     labels: typing.Optional[typing.List[str]] = _doc(
         "BIO label list; default: read from the training data (PaddleHub's order for msra_ner).", None
     )
+    head: str = _doc("Token-classification head: 'linear' (softmax per token) or 'crf' (a linear-chain CRF "
+                     "over the tokens on top of the linear layer; Viterbi decoding).", "linear")
     text_unit: str = _doc("'char': one label per character (Chinese); 'word': per whitespace word.", "char")
     lower_case: typing.Optional[bool] = _doc("Lower-case text before tokenising; default: the tokenizer's own.", None)
     max_seq_len: int = _doc("Longest token sequence fed to the model; longer texts are split into windows.", 128)
@@ -121,7 +124,7 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         choices = {
             "amp": AMP_MODES, "amp_level": AMP_LEVELS, "compare_metrics": COMPARE_METRICS,
-            "data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "text_unit": TEXT_UNITS,
+            "data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "text_unit": TEXT_UNITS, "head": HEADS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

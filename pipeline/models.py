@@ -437,8 +437,9 @@ def _label_maps(labels: list[str]) -> tuple[dict[int, str], dict[str, int]]:
     return dict(enumerate(labels)), {label: index for index, label in enumerate(labels)}
 
 
-def build_token_classifier(spec: ModelSpec, labels: list[str]):
-    """Pretrained encoder plus a new linear head of len(labels) classes, label maps in its config."""
+def build_token_classifier(spec: ModelSpec, labels: list[str], head: str = "linear"):
+    """Pretrained encoder plus a new linear head of len(labels) classes (and a CRF on top when
+    ``head`` is 'crf'), label maps in its config."""
     id2label, label2id = _label_maps(list(labels))
     model = spec.token_classifier_class.from_pretrained(
         spec.name,
@@ -452,6 +453,12 @@ def build_token_classifier(spec: ModelSpec, labels: list[str]):
     # config saved with our checkpoints must name the class that was really built,
     # so that token_classifier_from_config_dir rebuilds the head too.
     model.config.architectures = [type(model).__name__]
+    if head == "crf":
+        from .heads import attach_crf
+
+        attach_crf(model, len(labels))
+    elif head != "linear":
+        raise ValueError(f"unknown head {head!r}: expected 'linear' or 'crf'")
     return model
 
 
@@ -476,7 +483,12 @@ def token_classifier_from_config_dir(directory: str):
         raise ValueError(f"{config_path} has no id2label: the size of the classification head is unknown")
     classifier = _token_classifier_class_of(raw, config_path)
     config = classifier.config_class.from_pretrained(directory)
-    return classifier(config)
+    model = classifier(config)
+    if raw.get("ner_head") == "crf":
+        from .heads import attach_crf
+
+        attach_crf(model, len(raw["id2label"]))
+    return model
 
 
 def token_logits(model, input_ids, token_type_ids=None):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from tqdm import tqdm
 
@@ -23,8 +22,9 @@ from . import dist
 from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, latest_training_state, load_training_state,
                          load_weights, prune_training_states, save_model_checkpoint, save_training_state, write_json)
 from .config import TrainConfig, save_config
-from .data import IGNORE_INDEX, Aligner, DataSplits, TrainingCollator, build_training_features
+from .data import Aligner, DataSplits, TrainingCollator, build_training_features
 from .evaluation import evaluate
+from .heads import token_loss
 from .inference import TokenLabeller
 from .models import token_logits
 from .optim import build_optimizer
@@ -299,8 +299,7 @@ class Trainer:
                 with sync:
                     with self.amp.autocast():
                         logits = token_logits(wrapped, input_ids)
-                    loss = F.cross_entropy(logits.astype("float32").reshape([-1, logits.shape[-1]]),
-                                           label_ids.reshape([-1]), ignore_index=IGNORE_INDEX)
+                    loss = token_loss(self.model, logits, label_ids)
                     self.amp.backward(loss / config.grad_accum_steps)
                 window.add(loss.detach(), (input_ids != self.aligner.pad_id).astype("int64").sum(),
                            input_ids.size)

@@ -1,0 +1,97 @@
+"""Token-classification heads: the linear softmax head and a linear-chain CRF on top of it.
+
+The CRF (PaddleNLP's ``LinearChainCrf``) scores label transitions over the
+tokens of a sentence, i.e. over the first word piece of each token; continuation
+pieces and special tokens are left out, exactly as they are left out of the
+softmax loss (``IGNORE_INDEX``). It is attached to the PaddleNLP model as
+``model.crf``, so the encoder's and the linear layer's weight names do not
+change and the checkpoint stays one ``model.pdparams``; ``config.json``
+records ``ner_head: crf`` so that a checkpoint rebuilds its own head.
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from .data import IGNORE_INDEX
+
+# PaddleNLP's ERNIE-CRF multiplies the transitions' learning rate by 100: they start at zero
+# and would otherwise barely move at a fine-tuning learning rate.
+CRF_LEARNING_RATE_MULTIPLIER = 100.0
+
+
+def attach_crf(model, num_labels: int) -> None:
+    """Give ``model`` a CRF over its ``num_labels`` classes and record that in its config."""
+    from paddlenlp.layers import LinearChainCrf
+
+    model.crf = LinearChainCrf(num_labels, crf_lr=CRF_LEARNING_RATE_MULTIPLIER, with_start_stop_tag=False)
+    model.config.ner_head = "crf"
+
+
+def head_of(model) -> str:
+    return "crf" if getattr(model, "crf", None) is not None else "linear"
+
+
+def _first_pieces(logits, label_ids):
+    """Move every row's labelled positions to the front, in order: ``(emissions, labels, lengths)``."""
+    mask = label_ids != IGNORE_INDEX
+    lengths = mask.astype("int64").sum(axis=1)
+    seq_len = label_ids.shape[1]
+    positions = paddle.arange(seq_len, dtype="int64").unsqueeze(0)
+    # Labelled positions keep their index, the others sort after every labelled one.
+    order = paddle.argsort(paddle.where(mask, positions, positions + seq_len), axis=1)
+    longest = max(int(lengths.max()), 1)
+    order = order[:, :longest]
+    emissions = paddle.take_along_axis(logits, order.unsqueeze(-1).expand([-1, -1, logits.shape[-1]]), axis=1)
+    labels = paddle.take_along_axis(label_ids, order, axis=1)
+    labels = paddle.where(labels == IGNORE_INDEX, paddle.zeros_like(labels), labels)
+    return emissions, labels, lengths
+
+
+def token_loss(model, logits, label_ids):
+    """Mean loss of a batch: cross-entropy per labelled token, or CRF negative log-likelihood per window."""
+    logits = logits.astype("float32")
+    if head_of(model) == "linear":
+        return F.cross_entropy(logits.reshape([-1, logits.shape[-1]]), label_ids.reshape([-1]),
+                               ignore_index=IGNORE_INDEX)
+    from paddlenlp.layers import LinearChainCrfLoss
+
+    emissions, labels, lengths = _first_pieces(logits, label_ids)
+    has_tokens = (lengths > 0).astype("float32")  # a window of pieceless characters has nothing to score
+    losses = LinearChainCrfLoss(model.crf)(emissions, paddle.clip(lengths, min=1), labels)
+    return (losses * has_tokens).sum() / paddle.clip(has_tokens.sum(), min=1.0)
+
+
+def transitions_of(model) -> np.ndarray | None:
+    """The CRF's transition scores ``[previous, next]``, or None for the linear head."""
+    return model.crf.transitions.numpy().astype("float32") if head_of(model) == "crf" else None
+
+
+def viterbi(emissions: np.ndarray, transitions: np.ndarray) -> np.ndarray:
+    """Best label sequence under emission scores ``[T, L]`` and transitions ``[previous, next]``."""
+    steps = emissions.shape[0]
+    if steps == 0:
+        return np.zeros(0, dtype=np.int64)
+    score = emissions[0].astype(np.float64)
+    back = np.zeros((steps, emissions.shape[1]), dtype=np.int64)
+    for t in range(1, steps):
+        candidates = score[:, None] + transitions  # [previous, next]
+        back[t] = candidates.argmax(axis=0)
+        score = candidates.max(axis=0) + emissions[t]
+    path = np.empty(steps, dtype=np.int64)
+    path[-1] = int(score.argmax())
+    for t in range(steps - 1, 0, -1):
+        path[t - 1] = back[t, path[t]]
+    return path
+
+
+def decode_window(logits: np.ndarray, first_positions, transitions: np.ndarray | None) -> np.ndarray:
+    """Label id per position of one window: argmax, or Viterbi over the tokens' first pieces."""
+    ids = logits.argmax(axis=-1)
+    if transitions is None:
+        return ids
+    positions = [p for p in first_positions if p >= 0]
+    if positions:
+        ids[positions] = viterbi(logits[positions], transitions)
+    return ids
