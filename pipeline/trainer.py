@@ -114,6 +114,24 @@ class AmpPolicy:
             optimizer.step()
 
 
+class LossOfBatch(paddle.nn.Layer):
+    """The training forward: logits under the AMP policy, then the head's loss (float32).
+
+    One forward for both, so that DataParallel sees every parameter used inside its
+    forward pass, the CRF's transitions included.
+    """
+
+    def __init__(self, model, amp: AmpPolicy):
+        super().__init__()
+        self.model = model
+        self.amp = amp
+
+    def forward(self, input_ids, label_ids):
+        with self.amp.autocast():
+            logits = token_logits(self.model, input_ids)
+        return token_loss(self.model, logits, label_ids)
+
+
 class AutocastLabeller(TokenLabeller):
     """A TokenLabeller whose forward passes run under the training AMP policy (needed for O2)."""
 
@@ -250,7 +268,7 @@ class Trainer:
             if self.is_main:
                 self._truncate_histories(history, step)
         self.model, optimizer = self.amp.decorate(self.model, optimizer)
-        wrapped = dist.wrap_for_training(self.model)
+        wrapped = dist.wrap_for_training(LossOfBatch(self.model, self.amp))
         self._open_writer()
         if self.is_main:
             logger.info("training: %d workers x batch %d x accumulation %d; %d steps (%d epochs of %d steps)",
@@ -297,9 +315,7 @@ class Trainer:
                 # Gradients are all-reduced only on the micro-batch that ends an accumulation group.
                 sync = contextlib.nullcontext() if boundary else dist.no_gradient_sync(wrapped)
                 with sync:
-                    with self.amp.autocast():
-                        logits = token_logits(wrapped, input_ids)
-                    loss = token_loss(self.model, logits, label_ids)
+                    loss = wrapped(input_ids, label_ids)
                     self.amp.backward(loss / config.grad_accum_steps)
                 window.add(loss.detach(), (input_ids != self.aligner.pad_id).astype("int64").sum(),
                            input_ids.size)

@@ -157,3 +157,18 @@ def test_bad_data_stops_train_dist_before_any_model_is_built(tiny_model_dir, tin
     assert f"{data / 'dev.tsv'}:6:" in done.stderr and "labels" in done.stderr
     assert "BertForTokenClassification" not in done.stdout + done.stderr  # no model was built
     assert not (tmp_path / "out" / "run.lock").exists()  # and the lock was given back
+
+
+@pytest.mark.slow
+def test_two_worker_launch_with_the_crf_head(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    out_dir, log_dir = tmp_path / "crf", tmp_path / "logs"
+    run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
+         "train_dist.py", *overrides(tiny_model_dir, tiny_dataset_dir, out_dir, head="crf")], log_hint=log_dir)
+    assert_complete_run(out_dir, tiny_dataset_dir, evaluations=2)
+    assert json.loads((out_dir / "best_model" / "config.json").read_text())["ner_head"] == "crf"
+    import paddle
+
+    assert "crf.transitions" in paddle.load(str(out_dir / "best_model" / "model.pdparams"))
+    digests = {line.split()[-1] for rank in (0, 1)
+               for line in (log_dir / f"workerlog.{rank}").read_text().splitlines() if "final weights sha256" in line}
+    assert len(digests) == 1  # the transitions were all-reduced like every other gradient
