@@ -34,6 +34,13 @@ def parse_args(argv=None):
     parser.add_argument("--max_seq_len", type=int, default=None,
                         help="window length in tokens (default: the training one); longer texts are windowed")
     parser.add_argument("--use_gpu", action="store_true")
+    parser.add_argument("--engine", choices=("auto", "dynamic", "static"), default="auto",
+                        help="static: the model exported by python -m pipeline.export, run by Paddle Inference; "
+                             "dynamic: the checkpoint's weights in the dynamic graph; auto (default): static when "
+                             "an export of the checkpoint's current weights is found, else dynamic with a warning")
+    parser.add_argument("--inference_dir", default=None,
+                        help="where the exported static model is (default: CHECKPOINT/inference, then "
+                             "CHECKPOINT/../inference)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
@@ -82,7 +89,8 @@ def main(argv=None) -> int:
         print(f"error: input file {args.input} does not exist", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.batch_size, args.max_seq_len, args.use_gpu)
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.batch_size, args.max_seq_len, args.use_gpu,
+                                              engine=args.engine, inference_dir=args.inference_dir)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,317 @@
+"""Prediction throughput on MSRA-NER test: naive PaddleHub-style vs batched dynamic graph vs predict.py's engine.
+
+    python -m pipeline.export --checkpoint outputs/msra_quick/best_model       # once: the static model
+    python bench/predict_throughput.py --checkpoint outputs/msra_quick/best_model [--repeats 3] [--json out.json]
+    python bench/predict_throughput.py --checkpoint ... --quick                  # ~200 sentences, for a smoke test
+
+Engines, each run in its own subprocess (so peak RSS is per engine), in an
+order rotated every repeat:
+
+  (a) naive     dynamic graph, one sentence per call, every window padded to max_seq_len
+                (how PaddleHub's token-classification predict feeds a model)
+  (b) dynamic   the dynamic graph batched by TokenLabeller (sorted by length, padded to each batch's longest)
+  (c) predict   what predict.py runs: Predictor.from_checkpoint(engine="auto") with predict.py's default
+                batch size, fed predict.py's chunks of lines (static model via Paddle Inference when a
+                current export exists)
+
+Timed: the predict calls only; model loading and a warm-up call on 16 other
+sentences are reported separately as start-up. All engines must give the same
+label for every character of every sentence: the count of sentences that differ
+is printed and any difference makes the exit status 1. The naive predictor may
+be timed on an evenly spaced subset (--naive_sentences); its labels are then
+checked on that subset, and the ratio compares sentences/s measured on
+different sets (said in the output).
+
+--static_options_sweep and --batch_sizes add (c)-like engines with other
+Paddle Inference options / batch sizes, for choosing the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (bench/common.py: machine line, peak RSS, summaries; imports no Paddle)
+
+DEFAULT_TEST_FILE = "~/.cache/nerpipe/data/msra_ner/test.tsv"
+QUICK_SENTENCES = 200
+WARMUP_SENTENCES = 16
+TARGETS = {"predict/naive": 10.0, "predict/dynamic": 1.5}
+
+
+def read_test_texts(path: Path) -> list[str]:
+    """Sentences of a PaddleHub-style TSV (header ``text_a\\tlabel``, characters joined by \\x02)."""
+    texts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            line = line.rstrip("\n")
+            if number == 0 and line.startswith("text_a"):
+                continue
+            if line:
+                texts.append("".join(line.split("\t", 1)[0].split("\x02")))
+    return texts
+
+
+def naive_indices(total: int, wanted: int) -> list[int]:
+    """``wanted`` evenly spaced indices of ``range(total)`` (all of them when wanted >= total)."""
+    if wanted >= total:
+        return list(range(total))
+    return sorted({int(i * total / wanted) for i in range(wanted)})
+
+
+# ---------------------------------------------------------------- child: one engine, one run
+
+
+class PaddedToMaxLen:
+    """PaddleHub-style feeding: every window padded to max_seq_len before it reaches the model."""
+
+    name = "naive"
+
+    def __init__(self, inner, max_seq_len: int, pad_id: int):
+        self.inner, self.max_seq_len, self.pad_id = inner, max_seq_len, pad_id
+
+    def label_ids(self, input_ids):
+        import numpy as np
+
+        rows, length = input_ids.shape
+        padded = np.full((rows, max(self.max_seq_len, length)), self.pad_id, dtype=np.int64)
+        padded[:, :length] = input_ids
+        return self.inner.label_ids(padded)[:, :length]
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"static:onednn=1,bs=64"`` -> ``("static", {"onednn": "1", "bs": "64"})``."""
+    kind, _, options = spec.partition(":")
+    return kind, dict(item.split("=", 1) for item in options.split(",") if item)
+
+
+def child(args) -> int:
+    from pipeline.cpu_env import apply_cpu_thread_settings
+
+    apply_cpu_thread_settings()  # before Paddle is imported, as predict.py does
+    import predict  # noqa: F401  (its defaults: batch size, chunk of lines)
+    from pipeline.inference import Predictor
+
+    kind, options = parse_spec(args.child)
+    texts = read_test_texts(Path(args.test_file).expanduser())
+    indices = json.loads(Path(args.indices).read_text()) if args.indices else list(range(len(texts)))
+    timed = [texts[i] for i in indices]
+    chosen = set(indices)
+    warmup = [t for i, t in enumerate(texts) if i not in chosen][:WARMUP_SENTENCES] or texts[:WARMUP_SENTENCES]
+    default_batch = predict.parse_args(["--checkpoint", "x", "--input", "-"]).batch_size
+    batch_size = int(options.get("bs", default_batch))
+    static_options = {k: options[k] == "1" for k in ("onednn", "ir_optim") if k in options}
+
+    start = time.perf_counter()
+    if kind == "naive":
+        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=1, engine="dynamic")
+        aligner = predictor.labeller.aligner
+        predictor.labeller.engine = PaddedToMaxLen(predictor.labeller.engine, aligner.max_seq_len, aligner.pad_id)
+    elif kind == "dynamic":
+        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=batch_size, engine="dynamic")
+    elif kind in ("predict", "static"):
+        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=batch_size,
+                                              engine="auto" if kind == "predict" else "static",
+                                              inference_dir=args.inference_dir, static_options=static_options)
+    else:
+        raise SystemExit(f"unknown engine {kind!r}")
+    if kind == "naive":
+        for text in warmup:
+            predictor.predict([text])
+    else:
+        predictor.predict(warmup)
+    startup = time.perf_counter() - start
+
+    labels = []
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    if kind == "naive":  # one sentence per call, as a per-request service would
+        for text in timed:
+            labels.append(predictor.predict([text])[0]["labels"])
+    else:  # predict.py's chunks of lines
+        for begin in range(0, len(timed), predict.CHUNK_LINES):
+            labels.extend(r["labels"] for r in predictor.predict(timed[begin: begin + predict.CHUNK_LINES]))
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_seconds = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+    engine = predictor.labeller.engine
+    Path(args.result).write_text(json.dumps({
+        "spec": args.child, "engine": getattr(engine, "name", type(engine).__name__),
+        "static_options": getattr(engine, "options", None), "batch_size": predictor.labeller.batch_size,
+        "sentences": len(timed), "characters": sum(map(len, timed)), "seconds": seconds,
+        "sentences_per_second": len(timed) / seconds, "startup_seconds": startup,
+        "cpu_seconds": cpu_seconds, "sentences_per_cpu_second": len(timed) / cpu_seconds,
+        "peak_rss_mib": common.peak_rss_mib(), "threads": os.environ.get("OMP_NUM_THREADS"),
+        "labels": labels,
+    }, ensure_ascii=False), encoding="utf-8")
+    return 0
+
+
+# ---------------------------------------------------------------- parent: schedule, compare, report
+
+
+def run_child(args, spec: str, indices_file: str | None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        result_path = handle.name
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--checkpoint", args.checkpoint,
+               "--test_file", args.test_file, "--result", result_path]
+    if indices_file:
+        command += ["--indices", indices_file]
+    if args.inference_dir:
+        command += ["--inference_dir", args.inference_dir]
+    try:
+        completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise SystemExit(f"engine {spec} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
+        result = json.loads(Path(result_path).read_text(encoding="utf-8"))
+    finally:
+        Path(result_path).unlink(missing_ok=True)
+    result["warnings"] = [line for line in completed.stderr.splitlines() if "StaticModelWarning" in line
+                          or "using the dynamic graph" in line][:3]
+    return result
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(ROOT / "outputs/msra_quick/best_model"))
+    parser.add_argument("--inference_dir", default=None,
+                        help="as predict.py's flag (default: found next to the checkpoint)")
+    parser.add_argument("--test_file", default=DEFAULT_TEST_FILE)
+    parser.add_argument("--sentences", type=int, default=None, help="first N test sentences (default: all 5,000)")
+    parser.add_argument("--naive_sentences", type=int, default=1000,
+                        help="time the naive predictor on N evenly spaced sentences of those (default 1000; "
+                             "0 = all)")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SENTENCES} sentences for every engine")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch_sizes", default="", help="also time (c) at these batch sizes, e.g. 32,64,128")
+    parser.add_argument("--static_options_sweep", action="store_true",
+                        help="also time the static engine with oneDNN on/off x IR optimisation on/off")
+    parser.add_argument("--json", default=None, help="write every figure (not the labels) to this file")
+    # Internal: one engine in a child process.
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--indices", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sentences = args.sentences or QUICK_SENTENCES
+        args.naive_sentences = min(args.naive_sentences or QUICK_SENTENCES, QUICK_SENTENCES)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    if not (Path(args.checkpoint) / "model.pdparams").is_file():
+        print(f"error: {args.checkpoint} is not a checkpoint directory (no model.pdparams); pass --checkpoint",
+              file=sys.stderr)
+        return 2
+    texts = read_test_texts(Path(args.test_file).expanduser())
+    total = min(len(texts), args.sentences or len(texts))
+    all_indices = list(range(total))
+    naive_count = total if not args.naive_sentences else min(args.naive_sentences, total)
+    naive_subset = naive_indices(total, naive_count)
+    work = tempfile.mkdtemp(prefix="predict_bench_")
+    files = {}
+    for name, indices in (("all", all_indices), ("naive", naive_subset)):
+        files[name] = str(Path(work) / f"{name}.json")
+        Path(files[name]).write_text(json.dumps(indices))
+
+    specs = ["naive", "dynamic", "predict"]
+    specs += [f"predict:bs={b}" for b in args.batch_sizes.split(",") if b.strip()]
+    if args.static_options_sweep:
+        specs += [f"static:onednn={o},ir_optim={i}" for o in (0, 1) for i in (1, 0)]
+    info = common.machine_info()
+    print(f"# predict throughput, MSRA-NER test ({total} sentences; naive on {len(naive_subset)}"
+          f"{' evenly spaced' if len(naive_subset) < total else ''})")
+    print(f"machine: {common.machine_line(info)}; load average at start {info['load_average']}")
+    print(f"date: {common.now_utc()}")
+    print(f"command: {common.command_line()}")
+    print(f"checkpoint: {args.checkpoint}", flush=True)
+
+    runs: dict[str, list[dict]] = {spec: [] for spec in specs}
+    for repeat in range(args.repeats):
+        shift = repeat % len(specs)
+        for spec in specs[shift:] + specs[:shift]:  # rotate the order: no engine always runs first
+            result = run_child(args, spec, files["naive" if spec == "naive" else "all"])
+            runs[spec].append(result)
+            print(f"  repeat {repeat + 1}/{args.repeats} {spec:<28} {result['engine']:<8} "
+                  f"{result['sentences_per_second']:8.1f} sent/s ({result['sentences_per_cpu_second']:.1f} per CPU s)  "
+                  f"start-up {result['startup_seconds']:.1f} s  "
+                  f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+
+    # Labels: every run against the first run of (c), sentence by sentence.
+    reference = runs["predict"][0]["labels"]
+    differing = {}
+    for spec, results in runs.items():
+        worst = 0
+        for result in results:
+            positions = naive_subset if spec == "naive" else all_indices
+            worst = max(worst, sum(labels != reference[i] for i, labels in zip(positions, result["labels"])))
+        differing[spec] = worst
+
+    summary = {}
+    for spec, results in runs.items():
+        summary[spec] = {
+            "engine": results[0]["engine"], "batch_size": results[0]["batch_size"],
+            "static_options": results[0]["static_options"], "sentences": results[0]["sentences"],
+            "sentences_per_second": common.summary([r["sentences_per_second"] for r in results]),
+            "sentences_per_cpu_second": common.summary([r["sentences_per_cpu_second"] for r in results]),
+            "startup_seconds": common.summary([r["startup_seconds"] for r in results]),
+            "peak_rss_mib": common.summary([r["peak_rss_mib"] for r in results]),
+            "differing_sentences": differing[spec], "warnings": results[0]["warnings"],
+        }
+    rows = [[spec, s["engine"], str(s["batch_size"]), str(s["sentences"]),
+             common.fmt_mmm(s["sentences_per_second"]), common.fmt_mmm(s["sentences_per_cpu_second"]),
+             common.fmt_mmm(s["startup_seconds"]), common.fmt_mmm(s["peak_rss_mib"], "{:.0f}"),
+             str(s["differing_sentences"])] for spec, s in summary.items()]
+    print()
+    print(common.table(rows, ["run", "engine", "batch", "sentences", "sent/s median (min..max)", "sent per CPU s",
+                              "start-up s", "peak RSS MiB", "sentences differing from (c)"]))
+    median = {spec: s["sentences_per_second"]["median"] for spec, s in summary.items()}
+    ratios = {"predict/naive": common.ratio(median["predict"], median["naive"]),
+              "predict/dynamic": common.ratio(median["predict"], median["dynamic"])}
+    cpu_median = {spec: s["sentences_per_cpu_second"]["median"] for spec, s in summary.items()}
+    cpu_ratios = {"predict/naive": common.ratio(cpu_median["predict"], cpu_median["naive"]),
+                  "predict/dynamic": common.ratio(cpu_median["predict"], cpu_median["dynamic"])}
+    print()
+    for name, value in cpu_ratios.items():
+        print(f"ratio {name} in sentences per CPU second (a check on a busy machine): {value:.2f}x")
+    for name, value in ratios.items():
+        note = " (naive timed on a subset: sentences/s on different sets)" \
+            if name == "predict/naive" and len(naive_subset) < total else ""
+        verdict = "meets" if value >= TARGETS[name] else "MISSES"
+        print(f"ratio {name}: {value:.2f}x (target >= {TARGETS[name]}x: {verdict}){note}")
+    if summary["predict"]["engine"] != "static":
+        print("note: (c) ran the dynamic graph: no current static export was found "
+              f"(python -m pipeline.export --checkpoint {args.checkpoint}); {summary['predict']['warnings']}")
+    total_differing = sum(differing.values())
+    print(f"label check: {total_differing} sentence(s) differ from (c) "
+          f"({', '.join(f'{k}: {v}' for k, v in differing.items())})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": info, "date": common.now_utc(), "command": common.command_line(),
+            "checkpoint": args.checkpoint, "sentences": total, "naive_sentences": len(naive_subset),
+            "repeats": args.repeats, "engines": summary, "ratios": ratios, "cpu_ratios": cpu_ratios,
+            "runs": {spec: [{k: v for k, v in r.items() if k != "labels"} for r in results]
+                     for spec, results in runs.items()},
+        }, indent=2), encoding="utf-8")
+        print(f"figures -> {args.json}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if total_differing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
