@@ -241,3 +241,30 @@ def test_predict_cli_bad_jsonl_lines_keep_their_place(checkpoint_dir, tmp_path, 
     assert 'string "text" field' in results[2]["error"]
     err = capsys.readouterr().err
     assert "mixed.jsonl:5" in err and "3 predicted, 4 rejected" in err
+
+
+def test_evaluate_cli_reports_what_seqeval_computes_on_its_predictions(checkpoint_dir, tiny_dataset_dir, tmp_path,
+                                                                      capsys):
+    import warnings
+
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    from pipeline import evaluate
+
+    out = tmp_path / "predictions.jsonl"
+    assert evaluate.main(["--checkpoint", str(checkpoint_dir), "--file", str(tiny_dataset_dir / "test.tsv"),
+                          "--predictions", str(out), "--batch_size", "5"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert summary["sentences"] == len(records) == 24
+    gold, predicted = [r["gold"] for r in records], [r["predicted"] for r in records]
+    assert summary["num_predicted"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, function in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+            assert summary[name] == pytest.approx(function(gold, predicted, mode="strict", scheme=IOB2)), name
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("张\tB-MISC\n", encoding="utf-8")
+    assert evaluate.main(["--checkpoint", str(checkpoint_dir), "--file", str(bad)]) == 2
+    assert "B-MISC" in capsys.readouterr().err

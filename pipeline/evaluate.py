@@ -1,0 +1,63 @@
+"""Evaluate a saved checkpoint on a labelled file with the training code's own evaluation.
+
+    python -m pipeline.evaluate --checkpoint outputs/msra_full/best_model \\
+        --file ~/.cache/nerpipe/data/msra_ner/test.tsv --predictions test_predictions.jsonl
+
+Prints entity-level precision, recall and F1 (overall and per type) as JSON; the
+numbers are those ``train_dist.py`` reports for the same model and file, since
+both run ``pipeline.evaluation.evaluate`` over the same ``TokenLabeller``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cpu_env import apply_cpu_thread_settings
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a best_model/ directory written by train_dist.py")
+    parser.add_argument("--file", required=True, help="labelled .tsv, .conll/.txt or .jsonl file")
+    parser.add_argument("--data_format", default="auto", choices=("auto", "tsv", "conll", "jsonl"))
+    parser.add_argument("--tag_scheme", default="auto", choices=("auto", "bio", "bioes", "bmes"))
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--max_examples", type=int, default=0, help="only the first N sentences (0: all)")
+    parser.add_argument("--predictions", help="also write every sentence's tokens, gold and predicted labels here")
+    parser.add_argument("--engine", default="dynamic", choices=("auto", "dynamic", "static"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    apply_cpu_thread_settings()
+    from .checkpoint import CheckpointError
+    from .data import DataError, check_labels, read_examples
+    from .evaluation import evaluate
+    from .inference import Predictor
+
+    try:
+        examples, _ = read_examples(args.file, args.data_format, args.tag_scheme)
+        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size, engine=args.engine)
+        labeller = predictor.labeller
+        check_labels(examples, labeller.labels)
+    except (DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.max_examples:
+        examples = examples[: args.max_examples]
+    counts, predictions = evaluate(labeller, examples, description=Path(args.file).name, keep_predictions=True)
+    summary = counts.summary()
+    if args.predictions:
+        with open(args.predictions, "w", encoding="utf-8") as handle:
+            for example, predicted in zip(examples, predictions):
+                handle.write(json.dumps({"source": example.source, "tokens": example.tokens, "gold": example.labels,
+                                         "predicted": predicted}, ensure_ascii=False) + "\n")
+    print(json.dumps({"checkpoint": args.checkpoint, "file": args.file, "sentences": len(examples), **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
