@@ -80,13 +80,16 @@ class PaddedToMaxLen:
     def __init__(self, inner, max_seq_len: int, pad_id: int):
         self.inner, self.max_seq_len, self.pad_id = inner, max_seq_len, pad_id
 
-    def label_ids(self, input_ids):
+    def logits(self, input_ids):
         import numpy as np
 
         rows, length = input_ids.shape
         padded = np.full((rows, max(self.max_seq_len, length)), self.pad_id, dtype=np.int64)
         padded[:, :length] = input_ids
-        return self.inner.label_ids(padded)[:, :length]
+        return self.inner.logits(padded)[:, :length]
+
+    def transitions(self):
+        return self.inner.transitions()
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
