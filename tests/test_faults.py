@@ -119,9 +119,9 @@ def test_rank0_killed_while_writing_a_state_leaves_the_previous_one_usable(tiny_
     env = {**clean_env(), "NERPIPE_TEST_SAVE_DELAY": "2"}
     job = start([sys.executable, "train_dist.py", *settings], env)
     try:
-        half_written = wait_for(lambda: list((out_dir / "checkpoints").glob(".step-00000008.tmp-*")), 240,
-                                "the step-8 state being written", job)
-        assert (half_written[0] / "model.pdparams").exists()  # in the middle: weights written, the rest not yet
+        # In the middle of the write: the weights are in the temporary directory, the pause follows.
+        wait_for(lambda: list((out_dir / "checkpoints").glob(".step-00000008.tmp-*/model.pdparams")), 240,
+                 "the step-8 state being written", job)
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=30)
     finally:
