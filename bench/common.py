@@ -16,14 +16,9 @@ from importlib import metadata
 
 def cpu_model() -> str:
     """``model name`` from /proc/cpuinfo (or the platform's processor string)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from pipeline.cpu_env import cpuinfo_field
+
+    return cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
 def usable_cores() -> int:

@@ -15,15 +15,20 @@ import os
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLAGS_paddle_num_threads")
 
 
-def _cpu_vendor() -> str:
+def cpuinfo_field(name: str) -> str:
+    """The first ``name`` field of /proc/cpuinfo ('vendor_id', 'model name'...), or '' where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def _cpu_vendor() -> str:
+    return cpuinfo_field("vendor_id")
 
 
 def local_worker_count(environ=os.environ) -> int:

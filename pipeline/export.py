@@ -15,24 +15,16 @@ predictor can tell an export made from other weights (a stale one) and refuse it
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from pathlib import Path
+
+from .assets import sha256_of
 
 EXPORT_META_FILE = "export.json"
 MODEL_PREFIX = "inference"
 EXPORT_FORMAT_VERSION = 1
 INPUT_NAME = "input_ids"
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_weights_sha256(checkpoint_dir) -> str:
@@ -42,7 +34,7 @@ def checkpoint_weights_sha256(checkpoint_dir) -> str:
     path = Path(checkpoint_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {checkpoint_dir} has no {WEIGHTS_FILE}")
-    return file_sha256(path)
+    return sha256_of(path)
 
 
 def model_files(inference_dir) -> tuple[Path, Path] | None:
