@@ -162,27 +162,44 @@ def load_weights(model: paddle.nn.Layer, path) -> None:
     model.set_state_dict(state)
 
 
-def load_inference_bundle(directory) -> InferenceBundle:
-    """Rebuild model and tokenizer from a checkpoint directory alone."""
+def load_tokenizer_and_meta(directory) -> tuple[dict, object]:
+    """``pipeline.json`` (checked against ``config.json``'s id2label) and the tokenizer of a
+    checkpoint, without building its model."""
     import paddlenlp.transformers as transformers
-
-    from .models import token_classifier_from_config_dir
 
     directory = Path(directory)
     meta = read_meta(directory)
-    labels = meta["labels"]
-    model_config = _read_json(directory / MODEL_CONFIG_FILE)
-    saved_labels = model_config.get("id2label")
-    if saved_labels is not None and [saved_labels[str(i)] for i in range(len(saved_labels))] != labels:
+    saved_labels = _read_json(directory / MODEL_CONFIG_FILE).get("id2label")
+    if saved_labels is not None and [saved_labels[str(i)] for i in range(len(saved_labels))] != meta["labels"]:
         raise CheckpointError(f"{directory}: the label list in {META_FILE} and id2label in {MODEL_CONFIG_FILE} differ")
-    model = token_classifier_from_config_dir(directory)
-    load_weights(model, directory / WEIGHTS_FILE)
-    model.eval()
     tokenizer_class = getattr(transformers, meta["tokenizer_class"], None)
     if tokenizer_class is None:
         raise CheckpointError(f"{directory}: unknown tokenizer class {meta['tokenizer_class']!r}")
-    tokenizer = tokenizer_class.from_pretrained(str(directory))
-    return InferenceBundle(model, tokenizer, labels, meta["text_unit"], int(meta["max_seq_len"]), meta)
+    return meta, tokenizer_class.from_pretrained(str(directory))
+
+
+def load_inference_bundle(directory) -> InferenceBundle:
+    """Rebuild model and tokenizer from a checkpoint directory alone."""
+    from .models import token_classifier_from_config_dir
+
+    directory = Path(directory)
+    meta, tokenizer = load_tokenizer_and_meta(directory)
+    model = token_classifier_from_config_dir(directory)
+    load_weights(model, directory / WEIGHTS_FILE)
+    model.eval()
+    return InferenceBundle(model, tokenizer, meta["labels"], meta["text_unit"], int(meta["max_seq_len"]), meta)
+
+
+def load_crf_transitions(directory):
+    """A checkpoint's CRF transition scores as float32 numpy (None for the linear head), without
+    building its model."""
+    directory = Path(directory)
+    if _read_json(directory / MODEL_CONFIG_FILE).get("ner_head") != "crf":
+        return None
+    state = paddle.load(str(directory / WEIGHTS_FILE))
+    if "crf.transitions" not in state:
+        raise CheckpointError(f"{directory}: config.json says ner_head crf but {WEIGHTS_FILE} has no crf.transitions")
+    return state["crf.transitions"].numpy().astype("float32")
 
 
 def training_state_dir(output_dir, step: int) -> Path:

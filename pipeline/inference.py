@@ -244,7 +244,8 @@ class Predictor:
         ``directory/inference`` and then ``directory/../inference``. ``static_options``
         (``onednn``, ``ir_optim``, ``threads``...) go to ``StaticEngine``.
         """
-        from .checkpoint import CheckpointError, load_inference_bundle  # checkpoint imports this module's users
+        from .checkpoint import (CheckpointError, load_crf_transitions,  # checkpoint imports this module's users
+                                 load_inference_bundle, load_tokenizer_and_meta)
 
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -259,7 +260,7 @@ class Predictor:
                     warnings.warn(f"{reason}; using the dynamic graph", StaticModelWarning, stacklevel=2)
         if static_dir is not None:
             meta, tokenizer = load_tokenizer_and_meta(directory)
-            model = StaticEngine(static_dir, use_gpu=use_gpu, transitions=crf_transitions(directory),
+            model = StaticEngine(static_dir, use_gpu=use_gpu, transitions=load_crf_transitions(directory),
                                  **(static_options or {}))
             labels, text_unit, trained_len = meta["labels"], meta["text_unit"], int(meta["max_seq_len"])
         else:
@@ -318,39 +319,3 @@ def find_static_model(directory, inference_dir=None) -> tuple[Path | None, str]:
         # A stale or broken export is reported even if a later candidate is also absent.
         return None, reason
     return None, NO_EXPORT + "; ".join(reasons) + " (export one with python -m pipeline.export)"
-
-
-def crf_transitions(directory) -> np.ndarray | None:
-    """A checkpoint's CRF transition scores (None for the linear head), without building its model."""
-    import json
-
-    from .checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, CheckpointError
-
-    directory = Path(directory)
-    if json.loads((directory / MODEL_CONFIG_FILE).read_text(encoding="utf-8")).get("ner_head") != "crf":
-        return None
-    state = paddle.load(str(directory / WEIGHTS_FILE))
-    if "crf.transitions" not in state:
-        raise CheckpointError(f"{directory}: config.json says ner_head crf but {WEIGHTS_FILE} has no crf.transitions")
-    return np.asarray(state["crf.transitions"].numpy(), dtype="float32")
-
-
-def load_tokenizer_and_meta(directory) -> tuple[dict, object]:
-    """``pipeline.json`` and the tokenizer of a checkpoint, without building its dynamic model."""
-    import json
-
-    import paddlenlp.transformers as transformers
-
-    from .checkpoint import MODEL_CONFIG_FILE, CheckpointError, read_meta
-
-    directory = Path(directory)
-    meta = read_meta(directory)
-    model_config = json.loads((directory / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
-    saved_labels = model_config.get("id2label")
-    if saved_labels is not None and [saved_labels[str(i)] for i in range(len(saved_labels))] != meta["labels"]:
-        raise CheckpointError(f"{directory}: the label list in pipeline.json and id2label in {MODEL_CONFIG_FILE} "
-                              f"differ")
-    tokenizer_class = getattr(transformers, meta["tokenizer_class"], None)
-    if tokenizer_class is None:
-        raise CheckpointError(f"{directory}: unknown tokenizer class {meta['tokenizer_class']!r}")
-    return meta, tokenizer_class.from_pretrained(str(directory))
