@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     apply_cpu_thread_settings()
     from .checkpoint import CheckpointError
     from .data import DataError, check_labels, read_examples
-    from .evaluation import evaluate
+    from .evaluation import evaluate, write_predictions
     from .inference import Predictor
 
     try:
@@ -51,10 +51,7 @@ def main(argv=None) -> int:
     counts, predictions = evaluate(labeller, examples, description=Path(args.file).name, keep_predictions=True)
     summary = counts.summary()
     if args.predictions:
-        with open(args.predictions, "w", encoding="utf-8") as handle:
-            for example, predicted in zip(examples, predictions):
-                handle.write(json.dumps({"source": example.source, "tokens": example.tokens, "gold": example.labels,
-                                         "predicted": predicted}, ensure_ascii=False) + "\n")
+        write_predictions(args.predictions, examples, predictions)
     print(json.dumps({"checkpoint": args.checkpoint, "file": args.file, "sentences": len(examples), **summary}))
     return 0
 

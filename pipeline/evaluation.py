@@ -6,6 +6,8 @@ the counts are summed over ranks before P/R/F1 are computed.
 """
 from __future__ import annotations
 
+import json
+
 from tqdm import tqdm
 
 from . import dist
@@ -48,3 +50,11 @@ def evaluate(labeller: TokenLabeller, examples: list[Example], description: str 
     for share in dist.all_gather_objects(kept):
         merged.update(share)
     return total, [merged[i] for i in range(len(examples))]
+
+
+def write_predictions(path, examples: list[Example], predictions: list[list[str]]) -> None:
+    """One JSON line per example: where it came from, its tokens, gold and predicted labels."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for example, predicted in zip(examples, predictions):
+            handle.write(json.dumps({"source": example.source, "tokens": example.tokens, "gold": example.labels,
+                                     "predicted": predicted}, ensure_ascii=False) + "\n")

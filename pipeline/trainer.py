@@ -23,7 +23,7 @@ from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, latest
                          load_weights, prune_training_states, save_model_checkpoint, save_training_state, write_json)
 from .config import TrainConfig, save_config
 from .data import Aligner, DataSplits, TrainingCollator, build_training_features
-from .evaluation import evaluate
+from .evaluation import evaluate, write_predictions
 from .heads import token_loss
 from .inference import TokenLabeller
 from .models import token_logits
@@ -385,11 +385,7 @@ class Trainer:
             test_summary = counts.summary()
             if self.is_main:
                 # What the test metrics were computed from, so anyone can recompute them (e.g. with seqeval).
-                with open(self.output_dir / TEST_PREDICTIONS_FILE, "w", encoding="utf-8") as handle:
-                    for example, predicted in zip(self.splits.test, predictions):
-                        handle.write(json.dumps({"source": example.source, "tokens": example.tokens,
-                                                 "gold": example.labels, "predicted": predicted},
-                                                ensure_ascii=False) + "\n")
+                write_predictions(self.output_dir / TEST_PREDICTIONS_FILE, self.splits.test, predictions)
                 logger.info("test (best model): precision %.4f recall %.4f f1 %.4f", test_summary["precision"],
                             test_summary["recall"], test_summary["f1"])
                 write_json(self.output_dir / TEST_METRICS_FILE, {"step": best_step(history, best_metric,
