@@ -278,6 +278,14 @@ def latest_training_state(output_dir) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resume_source(config: TrainConfig) -> Path | None:
+    """The training state ``config.resume`` names: None for 'off', the newest complete one under
+    ``checkpoint_dir`` for 'auto' (None when there is none), else the given directory."""
+    if config.resume == "off":
+        return None
+    return latest_training_state(config.checkpoint_dir) if config.resume == "auto" else Path(config.resume)
+
+
 def load_training_state(directory, model, optimizer, schedule, rank: int = 0, world_size: int = 1,
                         scaler=None) -> dict:
     """Restore weights, optimiser, schedule, this rank's RNG and the loss scaler from ``directory``;

@@ -186,7 +186,7 @@ def claim_checkpoint_dir(config) -> RunLock | None:
     import numpy as np
 
     from . import dist
-    from .checkpoint import latest_training_state
+    from .checkpoint import resume_source
 
     lock, failure = None, ""
     if dist.is_main_process():
@@ -194,9 +194,8 @@ def claim_checkpoint_dir(config) -> RunLock | None:
             candidate = RunLock(config.checkpoint_dir)
             candidate.acquire()
             lock = candidate
-            resuming = config.resume != "off" and (
-                config.resume != "auto" or latest_training_state(config.checkpoint_dir) is not None)
-            prepare_run_directory(config.checkpoint_dir, resuming=resuming, overwrite=config.overwrite)
+            prepare_run_directory(config.checkpoint_dir, resuming=resume_source(config) is not None,
+                                  overwrite=config.overwrite)
         except (RunDirError, OSError) as error:
             failure = str(error)
             if lock is not None:

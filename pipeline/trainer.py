@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from . import dist
 from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, latest_training_state, load_training_state,
-                         load_weights, prune_training_states, save_model_checkpoint, save_training_state, write_json)
+                         load_weights, prune_training_states, resume_source, save_model_checkpoint, save_training_state,
+                         write_json)
 from .config import TrainConfig, save_config
 from .data import Aligner, DataSplits, TrainingCollator, build_training_features
 from .evaluation import evaluate, write_predictions
@@ -221,9 +222,7 @@ class Trainer:
 
     def _resume_source(self) -> Path | None:
         """The training state to continue from, the same on every rank (or an error saying why not)."""
-        if self.config.resume == "off":
-            return None
-        source = latest_training_state(self.output_dir) if self.config.resume == "auto" else Path(self.config.resume)
+        source = resume_source(self.config)
         # All ranks must resume from the same step: without shared storage they may see different files.
         step = -1
         if source is not None:
