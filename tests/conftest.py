@@ -72,3 +72,16 @@ def tiny_dataset_dir(tmp_path_factory) -> Path:
     for split, count in (("train", 96), ("dev", 24), ("test", 24)):
         write_tsv(directory / f"{split}.tsv", [synthetic_sentence(rng) for _ in range(count)])
     return directory
+
+
+def assert_matches_seqeval(reported: dict, gold: list[list[str]], predicted: list[list[str]]) -> None:
+    """Reported precision, recall and F1 equal seqeval's strict IOB2 figures on the same labels."""
+    import warnings
+
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seqeval warns (and gives 0.0) when nothing was predicted
+        for name, function in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+            assert reported[name] == pytest.approx(function(gold, predicted, mode="strict", scheme=IOB2)), name

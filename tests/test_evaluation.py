@@ -41,11 +41,9 @@ def test_two_rank_evaluation_sums_to_the_single_process_counts(tiny_model_dir, t
 
 
 def test_kept_predictions_are_the_labellers_and_give_seqeval_the_same_metrics(tiny_model_dir, tiny_dataset_dir):
-    import warnings
-
     from paddlenlp.transformers import BertTokenizer
-    from seqeval.metrics import f1_score, precision_score, recall_score
-    from seqeval.scheme import IOB2
+
+    from conftest import assert_matches_seqeval
 
     tokenizer = BertTokenizer.from_pretrained(str(tiny_model_dir))
     examples, _ = read_examples(tiny_dataset_dir / "test.tsv")
@@ -56,7 +54,4 @@ def test_kept_predictions_are_the_labellers_and_give_seqeval_the_same_metrics(ti
     assert predictions == labeller.label([e.tokens for e in examples])  # in the examples' order
     summary, gold = counts.summary(), [e.labels for e in examples]
     assert summary["num_predicted"] > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, function in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
-            assert summary[name] == pytest.approx(function(gold, predictions, mode="strict", scheme=IOB2)), name
+    assert_matches_seqeval(summary, gold, predictions)

@@ -245,11 +245,7 @@ def test_predict_cli_bad_jsonl_lines_keep_their_place(checkpoint_dir, tmp_path, 
 
 def test_evaluate_cli_reports_what_seqeval_computes_on_its_predictions(checkpoint_dir, tiny_dataset_dir, tmp_path,
                                                                       capsys):
-    import warnings
-
-    from seqeval.metrics import f1_score, precision_score, recall_score
-    from seqeval.scheme import IOB2
-
+    from conftest import assert_matches_seqeval
     from pipeline import evaluate
 
     out = tmp_path / "predictions.jsonl"
@@ -260,10 +256,7 @@ def test_evaluate_cli_reports_what_seqeval_computes_on_its_predictions(checkpoin
     assert summary["sentences"] == len(records) == 24
     gold, predicted = [r["gold"] for r in records], [r["predicted"] for r in records]
     assert summary["num_predicted"] > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, function in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
-            assert summary[name] == pytest.approx(function(gold, predicted, mode="strict", scheme=IOB2)), name
+    assert_matches_seqeval(summary, gold, predicted)
     bad = tmp_path / "bad.tsv"
     bad.write_text("张\tB-MISC\n", encoding="utf-8")
     assert evaluate.main(["--checkpoint", str(checkpoint_dir), "--file", str(bad)]) == 2

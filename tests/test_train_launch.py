@@ -72,21 +72,14 @@ def assert_complete_run(out_dir: Path, data_dir: Path, evaluations: int):
 
 def assert_test_metrics_match_seqeval(out_dir: Path, test_file: Path):
     """The saved test predictions, gathered from every rank, give seqeval the metrics we reported."""
-    import warnings
-
-    from seqeval.metrics import f1_score, precision_score, recall_score
-    from seqeval.scheme import IOB2
+    from conftest import assert_matches_seqeval
 
     records = [json.loads(line) for line in (out_dir / "test_predictions.jsonl").read_text().splitlines()]
     examples, _ = read_examples(test_file)
     assert [r["tokens"] for r in records] == [e.tokens for e in examples]  # every sentence, in file order
     assert [r["gold"] for r in records] == [e.labels for e in examples]
-    gold, predicted = [r["gold"] for r in records], [r["predicted"] for r in records]
     reported = json.loads((out_dir / "test_metrics.json").read_text())["test"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # seqeval warns when nothing was predicted
-        for name, function in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
-            assert reported[name] == pytest.approx(function(gold, predicted, mode="strict", scheme=IOB2)), name
+    assert_matches_seqeval(reported, [r["gold"] for r in records], [r["predicted"] for r in records])
 
 
 @pytest.mark.slow
