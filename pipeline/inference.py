@@ -24,7 +24,6 @@ from .heads import decode_window, transitions_of
 from .models import token_logits
 
 WORD_PATTERN = re.compile(r"\S+")
-NO_EXPORT = "no export: "
 ENGINES = ("auto", "dynamic", "static")
 INFERENCE_DIR_NAME = "inference"
 
@@ -252,11 +251,11 @@ class Predictor:
         paddle.set_device("gpu" if use_gpu else "cpu")
         static_dir = None
         if engine != "dynamic":
-            static_dir, reason = find_static_model(directory, inference_dir)
+            static_dir, reason, found = find_static_model(directory, inference_dir)
             if static_dir is None:
                 if engine == "static":
                     raise CheckpointError(f"engine='static': {reason}")
-                if not reason.startswith(NO_EXPORT):  # no export at all is the normal case: no warning
+                if found:  # no export at all is the normal case: no warning
                     warnings.warn(f"{reason}; using the dynamic graph", StaticModelWarning, stacklevel=2)
         if static_dir is not None:
             meta, tokenizer = load_tokenizer_and_meta(directory)
@@ -298,24 +297,19 @@ def static_model_candidates(directory, inference_dir=None) -> list[Path]:
     return [directory / INFERENCE_DIR_NAME, directory.parent / INFERENCE_DIR_NAME]
 
 
-def find_static_model(directory, inference_dir=None) -> tuple[Path | None, str]:
-    """``(export directory, reason)``: the first candidate holding a current export of the
-    checkpoint's weights, or ``(None, why none is usable)``."""
+def find_static_model(directory, inference_dir=None) -> tuple[Path | None, str, bool]:
+    """``(export directory, reason, found)``: the first candidate holding a current export of the
+    checkpoint's weights, or ``(None, why none is usable, whether an unusable export was found)``."""
     from .checkpoint import read_meta
     from .export import checkpoint_weights_sha256, export_status, model_files
 
     read_meta(directory)  # a missing or broken checkpoint is reported as such, not as a missing export
-    candidates = static_model_candidates(directory, inference_dir)
-    weights_sha256 = None
-    reasons = []
-    for candidate in candidates:
+    absent = []
+    for candidate in static_model_candidates(directory, inference_dir):
         if inference_dir is None and model_files(candidate) is None:
-            reasons.append(f"no static model in {candidate}")
+            absent.append(f"no static model in {candidate}")
             continue
-        weights_sha256 = weights_sha256 or checkpoint_weights_sha256(directory)
-        usable, reason = export_status(candidate, directory, weights_sha256)
-        if usable:
-            return candidate, reason
+        usable, reason = export_status(candidate, directory, checkpoint_weights_sha256(directory))
         # A stale or broken export is reported even if a later candidate is also absent.
-        return None, reason
-    return None, NO_EXPORT + "; ".join(reasons) + " (export one with python -m pipeline.export)"
+        return (candidate if usable else None), reason, True
+    return None, "; ".join(absent) + " (export one with python -m pipeline.export)", False
