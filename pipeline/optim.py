@@ -1,10 +1,28 @@
-"""Optimisation: AdamW with linear warmup and decay, no weight decay on biases and norms."""
+"""Optimisation: AdamW with linear warmup and decay, no weight decay on biases and norms.
+
+Gradient clipping is not the optimiser's: the trainer computes the global gradient
+norm once per step (``global_grad_norm``) and uses that one number both to skip
+steps whose gradients are NaN/Inf and to clip (``clip_grads_``). Paddle's
+``ClipGradByGlobalNorm`` inside the optimiser would compute the norm a second time
+and multiply every gradient by the clip factor even when that factor is 1, which
+on a 24M-parameter model is about a tenth of a CPU training step.
+"""
 from __future__ import annotations
+
+import math
 
 import paddle
 from paddlenlp.transformers import LinearDecayWithWarmup
 
 from .config import TrainConfig
+
+try:
+    # Paddle's own clipping uses this one-kernel squared norm; measured on 12M float32 values it is
+    # ~10x faster than paddle.sum(paddle.square(g)), and paddle.linalg.norm loses digits in float32.
+    from paddle.nn.clip import _squared_l2_norm
+except ImportError:  # private helper: fall back to the public two-op form if a Paddle release drops it
+    def _squared_l2_norm(grad):
+        return paddle.sum(paddle.square(grad))
 
 NO_DECAY_MARKERS = ("bias", "norm")  # LayerNorm weights and every bias are not decayed
 
@@ -19,7 +37,10 @@ def decayed_parameter_names(model: paddle.nn.Layer) -> set[str]:
 
 
 def build_optimizer(config: TrainConfig, model: paddle.nn.Layer, total_steps: int):
-    """AdamW plus its learning-rate schedule; the schedule is stepped once per optimiser step."""
+    """AdamW plus its learning-rate schedule; the schedule is stepped once per optimiser step.
+
+    No ``grad_clip``: callers clip with ``clip_grads_`` (see the module docstring).
+    """
     warmup_steps = int(round(config.warmup_ratio * total_steps))
     schedule = LinearDecayWithWarmup(config.learning_rate, total_steps, warmup_steps)
     decayed = decayed_parameter_names(model)
@@ -28,6 +49,38 @@ def build_optimizer(config: TrainConfig, model: paddle.nn.Layer, total_steps: in
         parameters=model.parameters(),
         weight_decay=config.weight_decay,
         apply_decay_param_fun=lambda name: name in decayed,
-        grad_clip=paddle.nn.ClipGradByGlobalNorm(config.max_grad_norm) if config.max_grad_norm > 0 else None,
     )
     return optimizer, schedule
+
+
+def _gradients(parameters) -> list:
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+@paddle.no_grad()
+def global_grad_norm(parameters) -> float:
+    """L2 norm of all gradients together (float32 sums, whatever the gradients' dtype); NaN/Inf if any is.
+
+    One host sync. With data parallelism the gradients are already all-reduced, so
+    every rank gets the same number and takes the same decisions from it.
+    """
+    grads = _gradients(parameters)
+    if not grads:
+        return 0.0
+    squares = [_squared_l2_norm(g if g.dtype == paddle.float32 else g.astype("float32")) for g in grads]
+    return math.sqrt(float(paddle.add_n(squares)))
+
+
+@paddle.no_grad()
+def clip_grads_(parameters, max_norm: float, norm: float) -> bool:
+    """Scale gradients in place so that their global norm is ``max_norm``, if ``norm`` exceeds it.
+
+    Same factor as ``paddle.nn.ClipGradByGlobalNorm`` (max_norm / max(norm, max_norm)),
+    applied only when it is below 1. Returns whether the gradients were scaled.
+    """
+    if max_norm <= 0 or not norm > max_norm:
+        return False
+    factor = max_norm / norm
+    for grad in _gradients(parameters):
+        grad.scale_(factor)
+    return True

@@ -28,7 +28,7 @@ from .evaluation import evaluate, write_predictions
 from .heads import token_loss
 from .inference import TokenLabeller
 from .models import token_logits
-from .optim import build_optimizer
+from .optim import build_optimizer, clip_grads_, global_grad_norm
 from .sampling import LengthGroupedBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -42,16 +42,6 @@ TEST_PREDICTIONS_FILE = "test_predictions.jsonl"
 
 class NumericalError(RuntimeError):
     """Too many optimiser steps in a row whose loss or gradients were NaN/Inf."""
-
-
-def gradients_finite(parameters) -> bool:
-    """True when no gradient holds NaN/Inf: one host sync per step, for a handful of small ops.
-
-    Checked after backward, when data-parallel gradients are already all-reduced: every rank
-    sees the same gradients and so takes the same decision without another collective.
-    """
-    flags = [paddle.isfinite(p.grad).all() for p in parameters if p.grad is not None]
-    return bool(paddle.stack(flags).all()) if flags else True
 
 
 class FeatureDataset(Dataset):
@@ -106,8 +96,13 @@ class AmpPolicy:
         """Backward of the (scaled, for fp16) loss."""
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def unscale(self, optimizer):
+        """Undo the fp16 loss scale on the gradients before they are measured or clipped."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
     def step(self, optimizer):
-        """Optimiser step; with fp16 the scaler unscales, skips on Inf/NaN and adapts the scale."""
+        """Optimiser step; with fp16 the scaler skips on Inf/NaN (found when unscaling) and adapts the scale."""
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -320,7 +315,13 @@ class Trainer:
                            input_ids.size)
                 if not boundary:
                     continue
-                if gradients_finite(self.model.parameters()):
+                # One norm for the NaN/Inf check and for clipping (pipeline/optim.py). The gradients are
+                # all-reduced already, so every rank sees the same norm and takes the same branch.
+                self.amp.unscale(optimizer)
+                grad_norm = global_grad_norm(self.model.parameters())
+                if math.isfinite(grad_norm):
+                    clip_grads_(self.model.parameters(), config.max_grad_norm, grad_norm)
+                    window.add_grad_norm(grad_norm)
                     self.amp.step(optimizer)
                     bad_in_a_row = 0
                 else:
@@ -413,7 +414,8 @@ class Trainer:
 
     def _log_training(self, window: "_Window", step: int, learning_rate: float, bar):
         # Summed over ranks so the figures describe the whole job; every rank reaches this at the same step.
-        loss_sum, batches, real_tokens, computed_tokens, seconds = window.drain()
+        # The gradient norm needs no reduction: it is measured on all-reduced gradients, alike on every rank.
+        loss_sum, batches, real_tokens, computed_tokens, seconds, grad_norm = window.drain()
         totals = dist.all_reduce_sum(np.array([loss_sum, batches, real_tokens, computed_tokens], dtype=np.float64))
         seconds = float(dist.all_reduce_max(np.array([seconds], dtype=np.float64))[0])
         loss = totals[0] / max(totals[1], 1)
@@ -421,13 +423,17 @@ class Trainer:
         padding = 1 - totals[2] / max(totals[3], 1)
         if self.is_main:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{tokens_per_second:.0f}")
-            logger.info("step %d: loss %.4f, lr %.3e, %.0f real tokens/s, padding %.1f%%", step, loss,
-                        learning_rate, tokens_per_second, 100 * padding)
-            self._log_scalars({"train/loss": loss, "train/lr": learning_rate,
-                               "train/tokens_per_second": tokens_per_second, "train/padding": padding}, step)
+            norm_text = f", grad norm {grad_norm:.3f}" if grad_norm is not None else ""
+            logger.info("step %d: loss %.4f, lr %.3e, %.0f real tokens/s, padding %.1f%%%s", step, loss,
+                        learning_rate, tokens_per_second, 100 * padding, norm_text)
+            scalars = {"train/loss": loss, "train/lr": learning_rate, "train/tokens_per_second": tokens_per_second,
+                       "train/padding": padding}
+            if grad_norm is not None:
+                scalars["train/grad_norm"] = grad_norm
+            self._log_scalars(scalars, step)
             # The same figures as a plain file, for plots and reports without VisualDL.
             record = {"step": step, "loss": loss, "lr": learning_rate, "tokens_per_second": tokens_per_second,
-                      "padding": padding}
+                      "padding": padding, "grad_norm": grad_norm}
             with open(self.output_dir / TRAIN_HISTORY_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
@@ -444,12 +450,16 @@ class _Window:
         self._reset()
 
     def _reset(self):
-        self.loss, self.real_tokens, self.batches, self.computed = None, None, 0, 0
+        self.loss, self.real_tokens, self.batches, self.computed, self.grad_norms = None, None, 0, 0, []
         self.started, self.excluded = time.perf_counter(), 0.0
 
     def exclude(self, seconds: float):
         """Leave time spent outside training steps (evaluation) out of the next throughput figure."""
         self.excluded += seconds
+
+    def add_grad_norm(self, norm: float):
+        """Norm before clipping of a step that was taken (skipped NaN/Inf steps are logged apart)."""
+        self.grad_norms.append(norm)
 
     def add(self, loss, real_tokens, computed_tokens: int):
         self.loss = loss if self.loss is None else self.loss + loss
@@ -461,6 +471,7 @@ class _Window:
         """Read and reset: one host-device sync per log line, not per step."""
         values = (float(self.loss) if self.loss is not None else 0.0, self.batches,
                   int(self.real_tokens) if self.real_tokens is not None else 0, self.computed,
-                  time.perf_counter() - self.started - self.excluded)
+                  time.perf_counter() - self.started - self.excluded,
+                  sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None)
         self._reset()
         return values

@@ -49,6 +49,26 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_model_dir, tiny_datas
     assert result.global_step == math.ceil(batches / 5) == 3
 
 
+def test_clipping_bounds_every_update_to_the_clipped_gradient(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                              monkeypatch):
+    """A tiny max_grad_norm clips every step: the optimiser must receive gradients of exactly that norm."""
+    from pipeline import optim
+
+    trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", max_steps=4, max_grad_norm=1e-3,
+                           do_test=False, eval_interval=0)
+    seen = []
+
+    def observing_step(self, optimizer):
+        seen.append(optim.global_grad_norm(trainer.model.parameters()))
+        optimizer.step()
+
+    monkeypatch.setattr("pipeline.trainer.AmpPolicy.step", observing_step)
+    trainer.fit()
+    assert len(seen) == 4 and all(n == pytest.approx(1e-3, rel=1e-4) for n in seen)
+    logged = [json.loads(line)["grad_norm"] for line in (tmp_path / "out" / "train_metrics.jsonl").open()]
+    assert len(logged) == 4 and all(n > 1e-2 for n in logged)  # norms before clipping
+
+
 def test_early_stopping_after_patience_evaluations(tiny_model_dir, tiny_dataset_dir, tmp_path):
     # A learning rate too small to change any prediction: the first evaluation stays the best.
     trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", epochs=3, learning_rate=1e-12,
@@ -157,6 +177,10 @@ def test_nan_steps_are_skipped_and_counted(tiny_model_dir, tiny_dataset_dir, tmp
     assert result.global_step == 5 and result.bad_steps == 2
     # Steps 2 and 3 changed nothing; the steps around them did.
     assert digests[1] == digests[2] == digests[3] != digests[4] != digests[5]
+    # The logged gradient norm is that of the steps taken: finite, none for the skipped ones.
+    norms = {r["step"]: r["grad_norm"] for r in map(json.loads, (tmp_path / "out" / "train_metrics.jsonl").open())}
+    assert norms[2] is None and norms[3] is None
+    assert all(math.isfinite(norms[s]) and norms[s] > 0 for s in (1, 4, 5))
     state = paddle.load(str(tmp_path / "out" / "best_model" / "model.pdparams"))
     assert all(np.isfinite(tensor.numpy()).all() for tensor in state.values())
 
