@@ -262,7 +262,11 @@ class Trainer:
             if self.is_main:
                 self._truncate_histories(history, step)
         self.model, optimizer = self.amp.decorate(self.model, optimizer)
-        wrapped = dist.wrap_for_training(LossOfBatch(self.model, self.amp))
+        loss_of_batch = LossOfBatch(self.model, self.amp)
+        if config.to_static:
+            # Not full_graph: SOT keeps what it cannot translate (e.g. the CRF loss) in eager mode.
+            loss_of_batch = paddle.jit.to_static(loss_of_batch, full_graph=False)
+        wrapped = dist.wrap_for_training(loss_of_batch)
         self._open_writer()
         if self.is_main:
             logger.info("training: %d workers x batch %d x accumulation %d; %d steps (%d epochs of %d steps)",
