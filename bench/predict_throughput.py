@@ -22,8 +22,17 @@ be timed on an evenly spaced subset (--naive_sentences); its labels are then
 checked on that subset, and the ratio compares sentences/s measured on
 different sets (said in the output).
 
---static_options_sweep and --batch_sizes add (c)-like engines with other
-Paddle Inference options / batch sizes, for choosing the defaults.
+--static_options_sweep, --batch_sizes and --threads add (c)-like engines with
+other Paddle Inference options / batch sizes / thread counts, for choosing the
+defaults.
+
+Ceiling: the matrix products of the forward pass of every timed sentence at its
+own length (characters + [CLS]/[SEP], no padding: the least work any engine
+must do at fp32), divided by the rate paddle.matmul reaches on this machine at
+the shapes of a batch of 32 mean-length sentences (timed in its own process
+with the same threads). No fp32 engine can be faster than that here, whatever
+it skips; the ceiling's ratio to the naive predictor says which speed-up this
+machine allows at all.
 """
 from __future__ import annotations
 
@@ -98,7 +107,65 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return kind, dict(item.split("=", 1) for item in options.split(",") if item)
 
 
+def model_dims(checkpoint: str) -> dict:
+    config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    return {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"],
+            "heads": config["num_attention_heads"], "intermediate": config["intermediate_size"],
+            "classes": len(config.get("id2label") or {}) or config.get("num_labels", 2)}
+
+
+def forward_flops(dims: dict, pieces: int) -> float:
+    """Matmul FLOPs of one sentence's forward pass at its own length (embeddings excluded)."""
+    h, i, layers, n = dims["hidden"], dims["intermediate"], dims["layers"], pieces
+    per_layer = 4 * 2 * n * h * h + 2 * 2 * n * h * i + 2 * 2 * n * n * h  # Q,K,V,out; FFN; scores and context
+    return layers * per_layer + 2 * n * h * dims["classes"]
+
+
+def child_ceiling(args) -> int:
+    """paddle.matmul's rate at the shapes of one forward pass of 32 mean-length sentences."""
+    from pipeline.cpu_env import apply_cpu_thread_settings
+
+    apply_cpu_thread_settings()
+    import paddle
+    import statistics
+
+    paddle.set_device("cpu")
+    dims = model_dims(args.checkpoint)
+    texts = read_test_texts(Path(args.test_file).expanduser())
+    indices = json.loads(Path(args.indices).read_text()) if args.indices else list(range(len(texts)))
+    seq = round(statistics.fmean(len(texts[i]) + 2 for i in indices))
+    batch, h, i, heads = 32, dims["hidden"], dims["intermediate"], dims["heads"]
+    rows, groups, head_dim = batch * seq, batch * heads, h // heads
+    shapes = [(4 * dims["layers"], (rows, h), (h, h)), (dims["layers"], (rows, h), (h, i)),
+              (dims["layers"], (rows, i), (i, h)),
+              (dims["layers"], (groups, seq, head_dim), (groups, head_dim, seq)),
+              (dims["layers"], (groups, seq, seq), (groups, seq, head_dim))]
+    flops = seconds = 0.0
+    for count, a_shape, b_shape in shapes:
+        a, b = paddle.randn(list(a_shape)), paddle.randn(list(b_shape))
+        for _ in range(3):
+            paddle.matmul(a, b).numpy()  # warm-up
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            paddle.matmul(a, b)  # CPU kernels run synchronously
+            times.append(time.perf_counter() - start)
+        groups_of_a = a_shape[0] if len(a_shape) == 3 else 1
+        flops += count * 2.0 * groups_of_a * a_shape[-2] * a_shape[-1] * b_shape[-1]
+        seconds += count * statistics.median(times)
+    rate = flops / seconds
+    sentence_flops = [forward_flops(dims, len(texts[i]) + 2) for i in indices]
+    Path(args.result).write_text(json.dumps({
+        "rate_flops_per_s": rate, "batch": batch, "mean_pieces": seq, "sentences": len(indices),
+        "forward_gflop_per_sentence": statistics.fmean(sentence_flops) / 1e9,
+        "ceiling_sentences_per_second": len(sentence_flops) / (sum(sentence_flops) / rate),
+        "threads": os.environ.get("OMP_NUM_THREADS")}), encoding="utf-8")
+    return 0
+
+
 def child(args) -> int:
+    if args.child == "ceiling":
+        return child_ceiling(args)
     from pipeline.cpu_env import apply_cpu_thread_settings
 
     apply_cpu_thread_settings()  # before Paddle is imported, as predict.py does
@@ -174,8 +241,12 @@ def run_child(args, spec: str, indices_file: str | None) -> dict:
         command += ["--indices", indices_file]
     if args.inference_dir:
         command += ["--inference_dir", args.inference_dir]
+    env = dict(os.environ)
+    threads = parse_spec(spec)[1].get("threads")
+    if threads:  # pipeline.cpu_env keeps what the environment already says
+        env.update({name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLAGS_paddle_num_threads")})
     try:
-        completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
         if completed.returncode != 0:
             raise SystemExit(f"engine {spec} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
         result = json.loads(Path(result_path).read_text(encoding="utf-8"))
@@ -199,6 +270,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SENTENCES} sentences for every engine")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch_sizes", default="", help="also time (c) at these batch sizes, e.g. 32,64,128")
+    parser.add_argument("--threads", default="", help="also time (c) with these CPU thread counts, e.g. 1,2")
     parser.add_argument("--static_options_sweep", action="store_true",
                         help="also time the static engine with oneDNN on/off x IR optimisation on/off")
     parser.add_argument("--json", default=None, help="write every figure (not the labels) to this file")
@@ -234,6 +306,7 @@ def main(argv=None) -> int:
 
     specs = ["naive", "dynamic", "predict"]
     specs += [f"predict:bs={b}" for b in args.batch_sizes.split(",") if b.strip()]
+    specs += [f"predict:threads={t}" for t in args.threads.split(",") if t.strip()]
     if args.static_options_sweep:
         specs += [f"static:onednn={o},ir_optim={i}" for o in (0, 1) for i in (1, 0)]
     info = common.machine_info()
@@ -254,6 +327,11 @@ def main(argv=None) -> int:
                   f"{result['sentences_per_second']:8.1f} sent/s ({result['sentences_per_cpu_second']:.1f} per CPU s)  "
                   f"start-up {result['startup_seconds']:.1f} s  "
                   f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+
+    ceiling = run_child(args, "ceiling", files["all"])
+    print(f"  matmul ceiling: {ceiling['ceiling_sentences_per_second']:.1f} sent/s "
+          f"({ceiling['forward_gflop_per_sentence']:.2f} GFLOP of forward matmuls per sentence, paddle.matmul at "
+          f"{ceiling['rate_flops_per_s'] / 1e9:.0f} GFLOP/s)", flush=True)
 
     # Labels: every run against the first run of (c), sentence by sentence.
     reference = runs["predict"][0]["labels"]
@@ -286,6 +364,10 @@ def main(argv=None) -> int:
     median = {spec: s["sentences_per_second"]["median"] for spec, s in summary.items()}
     ratios = {"predict/naive": common.ratio(median["predict"], median["naive"]),
               "predict/dynamic": common.ratio(median["predict"], median["dynamic"])}
+    limit = ceiling["ceiling_sentences_per_second"]
+    print(f"\nmatmul ceiling (forward matrix products of these sentences, no padding, at paddle.matmul's rate "
+          f"here): {limit:.1f} sent/s = {common.ratio(limit, median['naive']):.2f}x the naive predictor; (c) reaches "
+          f"{median['predict'] / limit:.0%} of it")
     cpu_median = {spec: s["sentences_per_cpu_second"]["median"] for spec, s in summary.items()}
     cpu_ratios = {"predict/naive": common.ratio(cpu_median["predict"], cpu_median["naive"]),
                   "predict/dynamic": common.ratio(cpu_median["predict"], cpu_median["dynamic"])}
@@ -308,6 +390,7 @@ def main(argv=None) -> int:
             "machine": info, "date": common.now_utc(), "command": common.command_line(),
             "checkpoint": args.checkpoint, "sentences": total, "naive_sentences": len(naive_subset),
             "repeats": args.repeats, "engines": summary, "ratios": ratios, "cpu_ratios": cpu_ratios,
+            "ceiling": ceiling,
             "runs": {spec: [{k: v for k, v in r.items() if k != "labels"} for r in results]
                      for spec, results in runs.items()},
         }, indent=2), encoding="utf-8")
