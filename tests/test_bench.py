@@ -1,0 +1,45 @@
+"""The benchmarks' own arithmetic: the memory-trend verdict and the prediction ceiling's FLOP count."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import memory_trend  # noqa: E402
+import predict_throughput  # noqa: E402
+
+
+def samples(rss_of_step, steps=800, every=10, workers=1):
+    return [{"worker": w, "step": s, "rss_mib": rss_of_step(s)} for s in range(every, steps + 1, every)
+            for w in range(workers)]
+
+
+def test_a_flat_run_after_warm_up_is_flat_and_a_leak_is_not():
+    # Warm-up growth in the first half (allocator pools, first evaluation) does not count.
+    flat = memory_trend.summarise(samples(lambda s: 1500 + min(s, 200) + (s % 30) * 0.5, workers=2), 800, 0.03)
+    assert [s["flat"] for s in flat] == [True, True]
+    assert abs(flat[0]["second_half_slope_mib_per_100_steps"]) < 1
+    # 10 MiB per 100 steps: 80 MiB over 800 steps, 5% of ~1,600 MiB.
+    leak = memory_trend.summarise(samples(lambda s: 1500 + 0.1 * s), 800, 0.03)
+    assert leak[0]["flat"] is False
+    assert leak[0]["second_half_slope_mib_per_100_steps"] == pytest.approx(10.0)
+    # RSS "at step 800" is the median of the samples within 40 steps of it (steps 760-800 here).
+    assert leak[0]["rss_by_step"]["step_800"] == pytest.approx(1500 + 0.1 * 780)
+
+
+def test_slope_needs_several_steps():
+    assert memory_trend.slope_per_100_steps([(5, 1.0), (5, 2.0), (5, 3.0)]) is None
+    assert memory_trend.slope_per_100_steps([(0, 1.0), (100, 3.0), (200, 5.0)]) == pytest.approx(2.0)
+
+
+def test_forward_flops_count_every_matmul_of_a_bert_layer():
+    dims = {"layers": 1, "hidden": 4, "heads": 2, "intermediate": 8, "classes": 3}
+    n = 5
+    projections = 4 * 2 * n * 4 * 4          # Q, K, V and output: [n, 4] @ [4, 4]
+    ffn = 2 * n * 4 * 8 + 2 * n * 8 * 4       # [n, 4] @ [4, 8] and back
+    attention = 2 * (2 * 2 * n * 2 * n)        # scores and context, 2 heads of size 2
+    classifier = 2 * n * 4 * 3
+    assert predict_throughput.forward_flops(dims, n) == projections + ffn + attention + classifier
