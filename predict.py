@@ -38,12 +38,19 @@ def parse_args(argv=None):
                         help="static: the model exported by python -m pipeline.export, run by Paddle Inference; "
                              "dynamic: the checkpoint's weights in the dynamic graph; auto (default): static when "
                              "an export of the checkpoint's current weights is found, else dynamic with a warning")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="prediction processes, each with cores/N CPU threads and its own copy of the model "
+                             "(default 1; on CPU 2+ keeps all cores busy, see BENCHMARKS.md)")
     parser.add_argument("--inference_dir", default=None,
                         help="where the exported static model is (default: CHECKPOINT/inference, then "
                              "CHECKPOINT/../inference)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    if args.workers > 1 and args.use_gpu:
+        parser.error("--workers is for CPU prediction; with --use_gpu run one process per GPU")
     if args.max_seq_len is not None and args.max_seq_len < 8:
         parser.error("--max_seq_len must be >= 8")
     return args
@@ -88,10 +95,19 @@ def main(argv=None) -> int:
     if args.input != "-" and not Path(args.input).is_file():
         print(f"error: input file {args.input} does not exist", file=sys.stderr)
         return 2
+    options = dict(directory=args.checkpoint, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                   use_gpu=args.use_gpu, engine=args.engine, inference_dir=args.inference_dir)
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.batch_size, args.max_seq_len, args.use_gpu,
-                                              engine=args.engine, inference_dir=args.inference_dir)
+        if args.workers > 1:
+            from pipeline.predict_workers import ParallelPredictor
+
+            predictor = ParallelPredictor(args.workers, **options)
+            predictor.start()  # every worker loads the model now: a bad checkpoint fails before any input is read
+        else:
+            predictor = Predictor.from_checkpoint(**options)
     except CheckpointError as error:
+        if args.workers > 1:
+            predictor.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -100,6 +116,7 @@ def main(argv=None) -> int:
     out_stream = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     replaced_lines, rejected, written = [], [], 0
     progress = tqdm(desc="predict", unit="line", disable=args.output == "-", mininterval=2)
+    chunk_lines = CHUNK_LINES * args.workers  # each worker gets about CHUNK_LINES lines of every chunk
     try:
         chunk = []  # (line number, text or None, error or None), in input order
 
@@ -120,11 +137,13 @@ def main(argv=None) -> int:
             if error:
                 rejected.append(error)
             chunk.append((number, text, error))
-            if len(chunk) >= CHUNK_LINES:
+            if len(chunk) >= chunk_lines:
                 flush()
         flush()
     finally:
         progress.close()
+        if args.workers > 1:
+            predictor.close()
         if out_stream is not sys.stdout:
             out_stream.close()
         if in_stream is not sys.stdin.buffer:

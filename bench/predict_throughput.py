@@ -22,9 +22,10 @@ be timed on an evenly spaced subset (--naive_sentences); its labels are then
 checked on that subset, and the ratio compares sentences/s measured on
 different sets (said in the output).
 
---static_options_sweep, --batch_sizes and --threads add (c)-like engines with
-other Paddle Inference options / batch sizes / thread counts, for choosing the
-defaults.
+--static_options_sweep, --batch_sizes, --threads and --workers add (c)-like
+engines with other Paddle Inference options / batch sizes / thread counts /
+numbers of prediction processes (predict.py --workers; CPU time summed over
+the workers, peak RSS of the largest), for choosing the defaults.
 
 Ceiling: the matrix products of the forward pass of every timed sentence at its
 own length (characters + [CLS]/[SEP], no padding: the least work any engine
@@ -189,6 +190,12 @@ def child(args) -> int:
         predictor.labeller.engine = PaddedToMaxLen(predictor.labeller.engine, aligner.max_seq_len, aligner.pad_id)
     elif kind == "dynamic":
         predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=batch_size, engine="dynamic")
+    elif kind == "predict" and int(options.get("workers", 1)) > 1:  # predict.py --workers N
+        from pipeline.predict_workers import ParallelPredictor
+
+        predictor = ParallelPredictor(int(options["workers"]), directory=args.checkpoint, batch_size=batch_size,
+                                      engine="auto", inference_dir=args.inference_dir)
+        predictor.start()
     elif kind in ("predict", "static"):
         predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=batch_size,
                                               engine="auto" if kind == "predict" else "static",
@@ -210,21 +217,35 @@ def child(args) -> int:
     if kind == "naive":  # one sentence per call, as a per-request service would
         for text in timed:
             labels.append(predictor.predict([text])[0]["labels"])
-    else:  # predict.py's chunks of lines
-        for begin in range(0, len(timed), predict.CHUNK_LINES):
-            labels.extend(r["labels"] for r in predictor.predict(timed[begin: begin + predict.CHUNK_LINES]))
+    else:  # predict.py's chunks of lines (CHUNK_LINES per worker)
+        workers = getattr(predictor, "workers", 1)
+        worker_usage = predictor.usage() if workers > 1 else []
+        chunk = predict.CHUNK_LINES * workers
+        start = time.perf_counter()
+        for begin in range(0, len(timed), chunk):
+            labels.extend(r["labels"] for r in predictor.predict(timed[begin: begin + chunk]))
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu_seconds = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-    engine = predictor.labeller.engine
+    peak_rss = common.peak_rss_mib()
+    if getattr(predictor, "workers", 1) > 1:  # the workers' CPU time and memory, not the idle parent's
+        worker_after = predictor.usage()
+        cpu_seconds += sum(a["cpu_seconds"] - b["cpu_seconds"] for a, b in zip(worker_after, worker_usage))
+        peak_rss = max(w["peak_rss_mib"] for w in worker_after)  # per worker, as for training
+        engine_name, batch, engine_options = predictor.engine_name, batch_size, None
+        predictor.close()
+    else:
+        engine = predictor.labeller.engine
+        engine_name, batch = getattr(engine, "name", type(engine).__name__), predictor.labeller.batch_size
+        engine_options = getattr(engine, "options", None)
     Path(args.result).write_text(json.dumps({
-        "spec": args.child, "engine": getattr(engine, "name", type(engine).__name__),
-        "static_options": getattr(engine, "options", None), "batch_size": predictor.labeller.batch_size,
+        "spec": args.child, "engine": engine_name,
+        "static_options": engine_options, "batch_size": batch,
         "sentences": len(timed), "characters": sum(map(len, timed)), "seconds": seconds,
         "sentences_per_second": len(timed) / seconds, "startup_seconds": startup,
         "cpu_seconds": cpu_seconds, "sentences_per_cpu_second": len(timed) / cpu_seconds,
-        "peak_rss_mib": common.peak_rss_mib(), "threads": os.environ.get("OMP_NUM_THREADS"),
-        "labels": labels,
+        "peak_rss_mib": peak_rss, "threads": os.environ.get("OMP_NUM_THREADS"),
+        "workers": getattr(predictor, "workers", 1), "labels": labels,
     }, ensure_ascii=False), encoding="utf-8")
     return 0
 
@@ -270,6 +291,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SENTENCES} sentences for every engine")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch_sizes", default="", help="also time (c) at these batch sizes, e.g. 32,64,128")
+    parser.add_argument("--workers", default="", help="also time (c) as predict.py --workers N, e.g. 2 "
+                        "(N processes with cores/N threads each; peak RSS is the largest worker's)")
     parser.add_argument("--threads", default="", help="also time (c) with these CPU thread counts, e.g. 1,2")
     parser.add_argument("--static_options_sweep", action="store_true",
                         help="also time the static engine with oneDNN on/off x IR optimisation on/off")
@@ -307,6 +330,7 @@ def main(argv=None) -> int:
     specs = ["naive", "dynamic", "predict"]
     specs += [f"predict:bs={b}" for b in args.batch_sizes.split(",") if b.strip()]
     specs += [f"predict:threads={t}" for t in args.threads.split(",") if t.strip()]
+    specs += [f"predict:workers={w}" for w in args.workers.split(",") if w.strip()]
     if args.static_options_sweep:
         specs += [f"static:onednn={o},ir_optim={i}" for o in (0, 1) for i in (1, 0)]
     info = common.machine_info()

@@ -261,3 +261,54 @@ def test_evaluate_cli_reports_what_seqeval_computes_on_its_predictions(checkpoin
     bad.write_text("张\tB-MISC\n", encoding="utf-8")
     assert evaluate.main(["--checkpoint", str(checkpoint_dir), "--file", str(bad)]) == 2
     assert "B-MISC" in capsys.readouterr().err
+
+
+# --- several prediction processes (pipeline/predict_workers.py, predict.py --workers) ---
+
+
+def test_shards_are_contiguous_cover_every_text_and_balance_length():
+    from pipeline.predict_workers import shard_bounds
+
+    lengths = [5, 1, 1, 1, 1, 1, 5, 5, 5, 5]
+    for shards in (1, 2, 3, 5, 12, 20):
+        bounds = shard_bounds(lengths, shards)
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(lengths)
+        assert all(end == next_begin for (_, end), (next_begin, _) in zip(bounds, bounds[1:]))
+        assert all(begin < end for begin, end in bounds) and len(bounds) <= min(shards, len(lengths))
+    halves = shard_bounds(lengths, 2)
+    assert [sum(lengths[b:e]) for b, e in halves] == [15, 15]
+    assert shard_bounds([], 2) == [] and shard_bounds([0, 0, 0], 2) != []
+
+
+@pytest.mark.slow
+def test_parallel_predictor_gives_the_single_process_results_in_order(checkpoint_dir):
+    from pipeline.predict_workers import ParallelPredictor
+
+    texts = ["张三在北京工作。", "", "x" * 300, "王小明去上海", "李四\u3000去上海😀"] * 7
+    expected = Predictor.from_checkpoint(checkpoint_dir, batch_size=4).predict(texts)
+    with ParallelPredictor(2, directory=checkpoint_dir, batch_size=4) as parallel:
+        parallel.start()
+        assert parallel.engine_name == "dynamic" and parallel.threads >= 1
+        assert parallel.predict(texts) == expected
+        assert parallel.predict(texts[:1]) == expected[:1] and parallel.predict([]) == []
+        usage = parallel.usage()  # one report per worker process, each holding a model
+        assert len({worker["pid"] for worker in usage}) == 2
+        assert all(worker["cpu_seconds"] > 0 and worker["peak_rss_mib"] > 50 for worker in usage)
+
+
+@pytest.mark.slow
+def test_predict_cli_workers_write_what_one_process_writes(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"\n".join(HOSTILE_TEXT_LINES * 3) + b"\n")
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}.jsonl"
+        assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(source), "--output", str(out),
+                                "--workers", str(workers)], monkeypatch) == 0
+        outputs[workers] = out.read_text(encoding="utf-8")
+    assert outputs[1] == outputs[2] and len(outputs[2].splitlines()) == 3 * len(HOSTILE_TEXT_LINES)
+    # A checkpoint that cannot be loaded fails in the workers before any input is read: exit 2, the reason shown.
+    capsys.readouterr()
+    assert run_predict_cli(["--checkpoint", str(tmp_path / "nope"), "--input", str(source), "--workers", "2"],
+                           monkeypatch) == 2
+    assert "does not exist" in capsys.readouterr().err

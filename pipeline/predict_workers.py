@@ -1,0 +1,126 @@
+"""Batch prediction in several processes, each with its share of the CPU cores.
+
+On CPU, Paddle runs matrix products on all the threads it is given but most
+other kernels (layer norm, softmax, GELU, additions) on one, and the matrices of
+a batch of short sentences are small: one process with every core leaves cores
+idle for much of a batch. N processes with cores/N threads each keep them busy
+(measured in BENCHMARKS.md). Each worker loads the predictor once, in its own
+process, from the same checkpoint; texts are split into contiguous shards of
+about equal length and the results come back in input order.
+
+This module must not import Paddle at the top: a worker sets its thread
+variables first (pipeline.cpu_env), then imports it.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+from .cpu_env import THREAD_VARIABLES, apply_cpu_thread_settings
+
+_predictor = None  # one per worker process, loaded by the first task
+_start_barrier = None  # shared by the workers of one pool: see ParallelPredictor.start
+
+
+def _set_worker_threads(threads: int, barrier) -> None:
+    """Pool initializer: this worker's thread count, before anything imports Paddle."""
+    global _start_barrier
+    _start_barrier = barrier
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    apply_cpu_thread_settings()  # the rest (MKL's fast path on AMD) as in a single process
+
+
+def _predict_shard(predictor_options: dict, texts: list[str]) -> tuple[str, list[dict]]:
+    """Load the predictor on first use (errors reach the caller as exceptions), then predict."""
+    global _predictor
+    if _predictor is None:
+        from .inference import Predictor
+
+        _predictor = Predictor.from_checkpoint(**predictor_options)
+    return _predictor.engine_name, _predictor.predict(texts)
+
+
+def _load(predictor_options: dict) -> str:
+    _start_barrier.wait()  # hold this worker until every worker has a task: one load task each
+    return _predict_shard(predictor_options, [])[0]
+
+
+def _usage(_) -> dict:
+    """This worker's CPU seconds and peak RSS so far (one call per worker: see ParallelPredictor.usage)."""
+    import resource
+
+    _start_barrier.wait()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"pid": os.getpid(), "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": usage.ru_maxrss / 1024}  # Linux reports KiB
+
+
+def shard_bounds(lengths: list[int], shards: int) -> list[tuple[int, int]]:
+    """Split ``range(len(lengths))`` into at most ``shards`` contiguous, non-empty runs of about equal total length."""
+    total, bounds, begin, running = sum(lengths) or 1, [], 0, 0
+    for index, length in enumerate(lengths):
+        running += length
+        # Close a shard once its running total reaches the next equal share, keeping order intact.
+        if len(bounds) < shards - 1 and running * shards >= total * (len(bounds) + 1) and index + 1 < len(lengths):
+            bounds.append((begin, index + 1))
+            begin = index + 1
+    if begin < len(lengths):
+        bounds.append((begin, len(lengths)))
+    return bounds
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class ParallelPredictor:
+    """``Predictor.predict`` spread over ``workers`` processes; same results, same order.
+
+    ``predictor_options`` are ``Predictor.from_checkpoint``'s arguments (checkpoint
+    ``directory``, ``batch_size``, ``engine``...). Use as a context manager or call
+    ``close()``: the worker processes live until then.
+    """
+
+    def __init__(self, workers: int, threads: int | None = None, **predictor_options):
+        if workers < 2:
+            raise ValueError(f"ParallelPredictor needs at least 2 workers, got {workers}; use Predictor")
+        self.workers = workers
+        self.threads = threads or max(1, usable_cores() // workers)
+        self.predictor_options = predictor_options
+        self.engine_name = None  # known after the first predict()
+        # spawn, not fork: the parent may already hold Paddle with its own threads.
+        context = multiprocessing.get_context("spawn")
+        self._pool = context.Pool(workers, initializer=_set_worker_threads,
+                                  initargs=(self.threads, context.Barrier(workers)))
+
+    def start(self) -> None:
+        """Load the model in every worker now (else on first use); loading errors are raised here."""
+        names = self._pool.map(_load, [self.predictor_options] * self.workers, chunksize=1)
+        self.engine_name = names[0]
+
+    def usage(self) -> list[dict]:
+        """Every worker's CPU seconds and peak RSS so far, one dict per worker."""
+        return self._pool.map(_usage, range(self.workers), chunksize=1)
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        bounds = shard_bounds([len(text) for text in texts], self.workers)
+        if not bounds:
+            return []
+        answers = self._pool.starmap(_predict_shard, [(self.predictor_options, texts[b:e]) for b, e in bounds])
+        self.engine_name = answers[0][0]
+        return [result for _, results in answers for result in results]
+
+    def close(self) -> None:
+        self._pool.close()
+        self._pool.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if exc_info[0] is None:
+            self.close()
+        else:
+            self._pool.terminate()
+            self._pool.join()
