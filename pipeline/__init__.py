@@ -22,6 +22,7 @@ _EXPORTS = {
     "load_model": "pipeline.api",
     "Trainer": "pipeline.trainer",
     "Predictor": "pipeline.inference",
+    "ParallelPredictor": "pipeline.predict_workers",
 }
 
 __all__ = sorted(_EXPORTS)

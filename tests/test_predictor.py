@@ -282,7 +282,7 @@ def test_shards_are_contiguous_cover_every_text_and_balance_length():
 
 @pytest.mark.slow
 def test_parallel_predictor_gives_the_single_process_results_in_order(checkpoint_dir):
-    from pipeline.predict_workers import ParallelPredictor
+    from pipeline import ParallelPredictor  # the public name
 
     texts = ["张三在北京工作。", "", "x" * 300, "王小明去上海", "李四\u3000去上海😀"] * 7
     expected = Predictor.from_checkpoint(checkpoint_dir, batch_size=4).predict(texts)
