@@ -1,0 +1,76 @@
+"""Cost of the non-matmul kernels of one m3e-small training step, against one FFN matmul.
+
+    python bench/op_costs.py [--batch 16] [--seq 46] [--reps 30]
+
+Times forward and forward+backward (paddle.grad with a given output gradient)
+of the element-wise kernels a BERT layer runs at the shapes of one training
+batch, next to the FFN's first matmul, with the same thread settings as
+training (pipeline.cpu_env). It answers "where does the step spend the time
+the matmul floor does not count" (BENCHMARKS.md); the figures are per call,
+and a 4-layer step calls each once per layer.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.cpu_env import apply_cpu_thread_settings  # noqa: E402
+
+
+def per_call_ms(function, reps: int) -> float:
+    function()  # warm-up: allocations, kernel selection
+    start = time.perf_counter()
+    for _ in range(reps):
+        function()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=46, help="tokens per sentence (a typical MSRA batch: 46)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args(argv)
+    applied = apply_cpu_thread_settings()
+    import paddle
+    import paddle.nn.functional as F
+
+    b, s, h, i = args.batch, args.seq, args.hidden, args.intermediate
+    hidden = paddle.randn([b, s, h])
+    inner = paddle.randn([b, s, i])
+    inner.stop_gradient = False
+    inner_grad = paddle.ones_like(inner)
+    scores = paddle.randn([b, args.heads, s, s])
+    weight = paddle.randn([h, i])
+    flat = paddle.randn([b * s, h])
+
+    def forward_and_grad(op):
+        return lambda: paddle.grad([op(inner)], [inner], [inner_grad])
+
+    rows = [
+        (f"matmul [{b * s},{h}] @ [{h},{i}] (FFN in, forward)", lambda: paddle.matmul(flat, weight)),
+        (f"GELU exact, forward [{b},{s},{i}]", lambda: F.gelu(inner)),
+        ("GELU exact, forward + backward", forward_and_grad(F.gelu)),
+        ("GELU tanh approximation, forward + backward", forward_and_grad(lambda x: F.gelu(x, approximate=True))),
+        ("ReLU, forward + backward (an element-wise reference)", forward_and_grad(F.relu)),
+        ("x * 1.1, forward + backward (an element-wise reference)", forward_and_grad(lambda x: x * 1.1)),
+        (f"dropout 0.1 [{b},{s},{h}]", lambda: F.dropout(hidden, 0.1, training=True)),
+        (f"dropout 0.1 attention probabilities [{b},{args.heads},{s},{s}]",
+         lambda: F.dropout(scores, 0.1, training=True)),
+        (f"layer norm [{b},{s},{h}]", lambda: F.layer_norm(hidden, h)),
+    ]
+    print(f"threads: {applied or 'as set in the environment'}")
+    for name, function in rows:
+        print(f"{per_call_ms(function, args.reps):8.2f} ms  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
