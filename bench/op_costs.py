@@ -12,6 +12,7 @@ and a 4-layer step calls each once per layer.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -54,10 +55,16 @@ def main(argv=None) -> int:
     def forward_and_grad(op):
         return lambda: paddle.grad([op(inner)], [inner], [inner_grad])
 
+    def gelu_grad_composed():  # exact GELU's gradient from Paddle's own erf/exp/multiply kernels
+        cdf = 0.5 * (1.0 + paddle.erf(inner * (1 / math.sqrt(2))))
+        pdf = paddle.exp(-0.5 * inner * inner) * (1 / math.sqrt(2 * math.pi))
+        return inner_grad * (cdf + inner * pdf)
+
     rows = [
         (f"matmul [{b * s},{h}] @ [{h},{i}] (FFN in, forward)", lambda: paddle.matmul(flat, weight)),
         (f"GELU exact, forward [{b},{s},{i}]", lambda: F.gelu(inner)),
         ("GELU exact, forward + backward", forward_and_grad(F.gelu)),
+        ("GELU exact, backward only, composed of erf/exp/multiply kernels", gelu_grad_composed),
         ("GELU tanh approximation, forward + backward", forward_and_grad(lambda x: F.gelu(x, approximate=True))),
         ("ReLU, forward + backward (an element-wise reference)", forward_and_grad(F.relu)),
         ("x * 1.1, forward + backward (an element-wise reference)", forward_and_grad(lambda x: x * 1.1)),
