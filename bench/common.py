@@ -13,19 +13,17 @@ import statistics
 import sys
 from importlib import metadata
 
+from pipeline.cpu_env import THREAD_VARIABLES, cpuinfo_field, usable_cores  # no Paddle import there either
+
+
+def thread_settings() -> dict:
+    """The CPU thread variables this process runs with (as pipeline.cpu_env set them), for the report."""
+    return {name: os.environ.get(name) for name in (*THREAD_VARIABLES, "MKL_DEBUG_CPU_TYPE")}
+
 
 def cpu_model() -> str:
     """``model name`` from /proc/cpuinfo (or the platform's processor string)."""
-    from pipeline.cpu_env import cpuinfo_field
-
     return cpuinfo_field("model name") or platform.processor() or "unknown CPU"
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (affinity mask), as pipeline.cpu_env counts them."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def package_version(name: str) -> str:

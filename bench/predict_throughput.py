@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (bench/common.py: machine line, peak RSS, summaries; imports no Paddle)
+from pipeline.cpu_env import THREAD_VARIABLES  # noqa: E402  (imports no Paddle)
 
 DEFAULT_TEST_FILE = "~/.cache/nerpipe/data/msra_ner/test.tsv"
 QUICK_SENTENCES = 200
@@ -208,6 +209,7 @@ def child(args) -> int:
     else:
         predictor.predict(warmup)
     startup = time.perf_counter() - start
+    workers = getattr(predictor, "workers", 1)  # ParallelPredictor's process count, 1 for Predictor
 
     labels = []
     import resource
@@ -218,7 +220,6 @@ def child(args) -> int:
         for text in timed:
             labels.append(predictor.predict([text])[0]["labels"])
     else:  # predict.py's chunks of lines (CHUNK_LINES per worker)
-        workers = getattr(predictor, "workers", 1)
         worker_usage = predictor.usage() if workers > 1 else []
         chunk = predict.CHUNK_LINES * workers
         start = time.perf_counter()
@@ -228,7 +229,7 @@ def child(args) -> int:
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu_seconds = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     peak_rss = common.peak_rss_mib()
-    if getattr(predictor, "workers", 1) > 1:  # the workers' CPU time and memory, not the idle parent's
+    if workers > 1:  # the workers' CPU time and memory, not the idle parent's
         worker_after = predictor.usage()
         cpu_seconds += sum(a["cpu_seconds"] - b["cpu_seconds"] for a, b in zip(worker_after, worker_usage))
         peak_rss = max(w["peak_rss_mib"] for w in worker_after)  # per worker, as for training
@@ -245,7 +246,7 @@ def child(args) -> int:
         "sentences_per_second": len(timed) / seconds, "startup_seconds": startup,
         "cpu_seconds": cpu_seconds, "sentences_per_cpu_second": len(timed) / cpu_seconds,
         "peak_rss_mib": peak_rss, "threads": os.environ.get("OMP_NUM_THREADS"),
-        "workers": getattr(predictor, "workers", 1), "labels": labels,
+        "workers": workers, "labels": labels,
     }, ensure_ascii=False), encoding="utf-8")
     return 0
 
@@ -265,7 +266,7 @@ def run_child(args, spec: str, indices_file: str | None) -> dict:
     env = dict(os.environ)
     threads = parse_spec(spec)[1].get("threads")
     if threads:  # pipeline.cpu_env keeps what the environment already says
-        env.update({name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLAGS_paddle_num_threads")})
+        env.update({name: threads for name in THREAD_VARIABLES})
     try:
         completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
         if completed.returncode != 0:

@@ -97,8 +97,7 @@ def _child_prelude(args):
     tokenizer = build_tokenizer(spec, config.lower_case)
     model = build_token_classifier(spec, splits.labels)
     set_seed(config.seed + dist.get_rank())
-    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLAGS_paddle_num_threads",
-                                              "MKL_DEBUG_CPU_TYPE")}
+    threads = common.thread_settings()
     return config, splits, tokenizer, model, threads, applied
 
 
@@ -301,8 +300,7 @@ def child_matmul(args) -> dict:
             flops += _matmul_flops(a_shape, b_shape)
             seconds += statistics.median(times)
         rates[kind] = flops / seconds
-    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLAGS_paddle_num_threads",
-                                              "MKL_DEBUG_CPU_TYPE")}
+    threads = common.thread_settings()
     return {"batch": args.mm_batch, "seq": args.mm_seq, "rates_flops_per_s": rates, "threads": threads,
             "peak_rss_mib": common.peak_rss_mib()}
 

@@ -31,6 +31,11 @@ def _cpu_vendor() -> str:
     return cpuinfo_field("vendor_id")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: the affinity mask, not the machine's count (a scheduler may give us fewer)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def local_worker_count(environ=os.environ) -> int:
     """Processes on this node, as Paddle's launcher announces it (1 outside the launcher)."""
     return max(1, int(environ.get("PADDLE_LOCAL_SIZE") or environ.get("PADDLE_TRAINERS_NUM") or 1))
@@ -39,8 +44,7 @@ def local_worker_count(environ=os.environ) -> int:
 def cpu_thread_settings(environ=os.environ, cpu_count: int | None = None, vendor: str | None = None) -> dict:
     """Variables to set: this worker's share of cores, plus MKL's fast path on AMD."""
     if cpu_count is None:
-        # The affinity mask, not the machine's core count: a scheduler may give us fewer.
-        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpu_count = usable_cores()
     threads = max(1, cpu_count // local_worker_count(environ))
     settings = {name: str(threads) for name in THREAD_VARIABLES}
     # Only on AMD: on an Intel CPU with AVX-512 this would force a slower path.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-from .cpu_env import THREAD_VARIABLES, apply_cpu_thread_settings
+from .cpu_env import THREAD_VARIABLES, apply_cpu_thread_settings, usable_cores
 
 _predictor = None  # one per worker process, loaded by the first task
 _start_barrier = None  # shared by the workers of one pool: see ParallelPredictor.start
@@ -68,10 +68,6 @@ def shard_bounds(lengths: list[int], shards: int) -> list[tuple[int, int]]:
     if begin < len(lengths):
         bounds.append((begin, len(lengths)))
     return bounds
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class ParallelPredictor:
