@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cpu_env import apply_cpu_thread_settings
+from pipeline.cpu_env import apply_cpu_settings
 
 CHUNK_LINES = 512  # lines read, predicted and written at a time: memory stays flat for any input size
 
@@ -83,7 +83,7 @@ def read_texts(lines, input_format: str, source: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.use_gpu:
-        apply_cpu_thread_settings()  # before Paddle is imported
+        apply_cpu_settings()  # before Paddle is imported
     from tqdm import tqdm
 
     from pipeline.checkpoint import CheckpointError

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, field_docs, load_config
-from pipeline.cpu_env import apply_cpu_thread_settings
+from pipeline.cpu_env import apply_cpu_settings
 
 logger = logging.getLogger("train_dist")
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not config.use_gpu:
-        apply_cpu_thread_settings()  # must precede the first `import paddle`
+        apply_cpu_settings()  # must precede the first `import paddle`
 
     from pipeline import dist
     from pipeline.assets import AssetError

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cpu_env import apply_cpu_thread_settings  # noqa: E402
+from pipeline.cpu_env import apply_cpu_settings  # noqa: E402
 
 
 def per_call_ms(function, reps: int) -> float:
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args(argv)
-    applied = apply_cpu_thread_settings()
+    applied = apply_cpu_settings()
     import paddle
     import paddle.nn.functional as F
 

@@ -125,9 +125,9 @@ def forward_flops(dims: dict, pieces: int) -> float:
 
 def child_ceiling(args) -> int:
     """paddle.matmul's rate at the shapes of one forward pass of 32 mean-length sentences."""
-    from pipeline.cpu_env import apply_cpu_thread_settings
+    from pipeline.cpu_env import apply_cpu_settings
 
-    apply_cpu_thread_settings()
+    apply_cpu_settings()
     import paddle
     import statistics
 
@@ -168,9 +168,9 @@ def child_ceiling(args) -> int:
 def child(args) -> int:
     if args.child == "ceiling":
         return child_ceiling(args)
-    from pipeline.cpu_env import apply_cpu_thread_settings
+    from pipeline.cpu_env import apply_cpu_settings
 
-    apply_cpu_thread_settings()  # before Paddle is imported, as predict.py does
+    apply_cpu_settings()  # before Paddle is imported, as predict.py does
     import predict  # noqa: F401  (its defaults: batch size, chunk of lines)
     from pipeline.inference import Predictor
 

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cpu_env import apply_cpu_thread_settings
+from .cpu_env import apply_cpu_settings
 
 
 def parse_args(argv=None):
@@ -32,7 +32,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    apply_cpu_thread_settings()
+    apply_cpu_settings()
     from .checkpoint import CheckpointError
     from .data import DataError, check_labels, read_examples
     from .evaluation import evaluate, write_predictions

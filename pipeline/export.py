@@ -183,9 +183,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .cpu_env import apply_cpu_thread_settings
+    from .cpu_env import apply_cpu_settings
 
-    apply_cpu_thread_settings()  # before Paddle is imported
+    apply_cpu_settings()  # before Paddle is imported
     from .checkpoint import CheckpointError
 
     output = Path(args.output) if args.output else Path(args.checkpoint) / "inference"

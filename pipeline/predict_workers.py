@@ -16,7 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-from .cpu_env import THREAD_VARIABLES, apply_cpu_thread_settings, usable_cores
+from .cpu_env import THREAD_VARIABLES, apply_cpu_settings, usable_cores
 
 _predictor = None  # one per worker process, loaded by the first task
 _start_barrier = None  # shared by the workers of one pool: see ParallelPredictor.start
@@ -28,7 +28,7 @@ def _set_worker_threads(threads: int, barrier) -> None:
     _start_barrier = barrier
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
-    apply_cpu_thread_settings()  # the rest (MKL's fast path on AMD) as in a single process
+    apply_cpu_settings()  # the rest (MKL's fast path on AMD, malloc) as in a single process
 
 
 def _predict_shard(predictor_options: dict, texts: list[str]) -> tuple[str, list[dict]]:

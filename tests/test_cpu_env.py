@@ -1,5 +1,9 @@
-"""CPU thread settings per worker."""
+"""CPU settings per worker: threads, MKL's path, malloc."""
 from __future__ import annotations
+
+import sys
+
+import pytest
 
 from pipeline.cpu_env import apply_cpu_thread_settings, cpu_thread_settings
 
@@ -17,3 +21,46 @@ def test_users_own_settings_win():
     applied = apply_cpu_thread_settings(environ)
     assert environ["OMP_NUM_THREADS"] == "7" and "OMP_NUM_THREADS" not in applied
     assert environ["FLAGS_paddle_num_threads"] == applied["FLAGS_paddle_num_threads"]
+
+
+REALLOCATE = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.cpu_env import keep_freed_memory
+applied = keep_freed_memory()
+import numpy as np
+np.ones(64 << 20, dtype=np.uint8)  # a 64 MiB block, touched, then freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(64 << 20, dtype=np.uint8)  # the same again
+print(json.dumps([sorted(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before]))
+"""
+
+
+def _page_faults_of_second_allocation(malloc_setting: str | None) -> tuple[list, int]:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.cpu_env import MALLOC_VARIABLE
+
+    env = {k: v for k, v in os.environ.items() if k != MALLOC_VARIABLE}
+    if malloc_setting is not None:
+        env[MALLOC_VARIABLE] = malloc_setting
+    out = subprocess.run([sys.executable, "-c", REALLOCATE, str(Path(__file__).resolve().parents[1])], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    applied, faults = json.loads(out)
+    return applied, faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_blocks_are_reused_without_page_faults():
+    applied, faults = _page_faults_of_second_allocation(None)
+    assert applied == ["M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD"]
+    untouched, faults_by_default = _page_faults_of_second_allocation("default")
+    assert untouched == []
+    # By default the freed 64 MiB went back to the kernel and its pages fault in again: 16,384 of 4 KiB,
+    # at least 32 where numpy asks for 2 MiB huge pages.
+    assert faults_by_default >= 32, faults_by_default
+    assert faults <= max(1, faults_by_default // 20), (faults, faults_by_default)
