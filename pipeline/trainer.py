@@ -27,6 +27,7 @@ from .data import Aligner, DataSplits, TrainingCollator, build_training_features
 from .evaluation import evaluate, write_predictions
 from .heads import token_loss
 from .inference import TokenLabeller
+from .linear_grad import install_matmul_bias_grad
 from .models import token_logits
 from .optim import build_optimizer, clip_grads_, global_grad_norm
 from .sampling import LengthGroupedBatchSampler
@@ -261,6 +262,9 @@ class Trainer:
                            skip_batches)
             if self.is_main:
                 self._truncate_histories(history, step)
+        if config.matmul_bias_grad and not config.use_gpu and config.amp == "off":
+            # Before to_static traces the forward, so the traced program has the matmul form.
+            install_matmul_bias_grad(self.model)
         self.model, optimizer = self.amp.decorate(self.model, optimizer)
         loss_of_batch = LossOfBatch(self.model, self.amp)
         if config.to_static:
