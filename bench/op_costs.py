@@ -60,8 +60,22 @@ def main(argv=None) -> int:
         pdf = paddle.exp(-0.5 * inner * inner) * (1 / math.sqrt(2 * math.pi))
         return inner_grad * (cdf + inner * pdf)
 
+    from pipeline.linear_grad import install_matmul_bias_grad
+
+    linear_in = paddle.randn([b, s, h])
+    linear_in.stop_gradient = False
+    ffn_in = paddle.nn.Linear(h, i)
+    ffn_in_matmul_bias = paddle.nn.Linear(h, i)
+    install_matmul_bias_grad(ffn_in_matmul_bias)
+
+    def linear_forward_and_grad(layer):
+        return lambda: paddle.grad([layer(linear_in)], [linear_in, layer.weight, layer.bias], [inner_grad])
+
     rows = [
         (f"matmul [{b * s},{h}] @ [{h},{i}] (FFN in, forward)", lambda: paddle.matmul(flat, weight)),
+        ("Linear (FFN in), forward + backward, Paddle's", linear_forward_and_grad(ffn_in)),
+        ("Linear (FFN in), forward + backward, bias gradient as a matmul (pipeline/linear_grad.py)",
+         linear_forward_and_grad(ffn_in_matmul_bias)),
         (f"GELU exact, forward [{b},{s},{i}]", lambda: F.gelu(inner)),
         ("GELU exact, forward + backward", forward_and_grad(F.gelu)),
         ("GELU exact, backward only, composed of erf/exp/multiply kernels", gelu_grad_composed),

@@ -1,4 +1,4 @@
-"""The benchmarks' own arithmetic: the memory-trend verdict and the prediction ceiling's FLOP count."""
+"""The benchmarks' own arithmetic (memory-trend verdict, prediction ceiling); op_costs and step_profile run."""
 from __future__ import annotations
 
 import sys
@@ -43,3 +43,28 @@ def test_forward_flops_count_every_matmul_of_a_bert_layer():
     attention = 2 * (2 * 2 * n * 2 * n)        # scores and context, 2 heads of size 2
     classifier = 2 * n * 4 * 3
     assert predict_throughput.forward_flops(dims, n) == projections + ffn + attention + classifier
+
+
+def test_op_costs_times_every_kernel_including_both_linears():
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "op_costs.py"
+    out = subprocess.run([sys.executable, str(script), "--batch", "2", "--seq", "3", "--hidden", "8",
+                          "--intermediate", "16", "--heads", "2", "--reps", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    timed = dict((name, float(ms)) for ms, name in re.findall(r"^\s*([\d.]+) ms  (.+)$", out, re.MULTILINE))
+    assert len(timed) == 13 and all(ms >= 0 for ms in timed.values()), out
+    assert "Linear (FFN in), forward + backward, Paddle's" in timed
+    assert any("bias gradient as a matmul" in name for name in timed)
+
+
+def test_step_profile_prints_the_operators_of_a_training_step(tiny_model_dir, tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "step_profile.py"
+    out = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--batch", "2", "--seq", "5",
+                          "--steps", "1"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert "matmul bias gradients in 13 Linear layers" in out  # 2 layers x 6 + the classifier
+    summary = out[out.index("Operator Summary"):]
+    assert "Global_MatmulGradNode" in summary or "matmul_grad" in summary, summary[:2000]

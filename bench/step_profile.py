@@ -1,0 +1,73 @@
+"""Paddle's profiler over training steps of m3e-small: where a step's time goes, per operator.
+
+    python bench/step_profile.py [--batch 16] [--seq 46] [--steps 5]
+    NERPIPE_MALLOC=default python bench/step_profile.py      # without cpu_env's malloc setting
+    python bench/step_profile.py --no-matmul-bias-grad       # Paddle's own Linear bias gradient
+
+One process, the same CPU settings as training (pipeline.cpu_env), the offline
+m3e-small token classifier, a random batch of the given shape, the forward
+through paddle.jit.to_static as the trainer runs it, AdamW; 3 warm-up steps,
+then --steps profiled. Prints the profiler's per-operator summary (sorted by
+total CPU time); divide by --steps for per-step figures. BENCHMARKS.md quotes it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.cpu_env import apply_cpu_settings  # noqa: E402
+
+LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=46, help="tokens per sentence (a typical MSRA batch: 46)")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up steps)")
+    parser.add_argument("--model", default="m3e-small", help="model name or directory (default: m3e-small)")
+    parser.add_argument("--no-matmul-bias-grad", action="store_true", help="leave Paddle's Linear as it is")
+    args = parser.parse_args(argv)
+    print(f"cpu settings: {apply_cpu_settings()}")
+    import paddle
+    import paddle.nn.functional as F
+    import paddle.profiler as profiler
+
+    from pipeline.linear_grad import install_matmul_bias_grad
+    from pipeline.models import build_token_classifier, resolve_model, token_logits
+
+    paddle.seed(0)
+    model = build_token_classifier(resolve_model(args.model), LABELS)
+    model.train()
+    if not args.no_matmul_bias_grad:
+        print(f"matmul bias gradients in {install_matmul_bias_grad(model)} Linear layers")
+    input_ids = paddle.randint(100, 20000, [args.batch, args.seq])
+    labels = paddle.randint(0, len(LABELS), [args.batch, args.seq])
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=model.parameters(), weight_decay=0.01)
+
+    @paddle.jit.to_static(full_graph=False)
+    def loss_of(ids, gold):
+        return F.cross_entropy(token_logits(model, ids).reshape([-1, len(LABELS)]), gold.reshape([-1]))
+
+    def step():
+        loss_of(input_ids, labels).backward()
+        optimizer.step()
+        optimizer.clear_grad()
+
+    for _ in range(3):
+        step()
+    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], scheduler=(1, args.steps + 1))
+    prof.start()
+    for _ in range(args.steps + 1):
+        step()
+        prof.step()
+    prof.stop()
+    prof.summary(sorted_by=profiler.SortedKeys.CPUTotal, op_detail=False, thread_sep=False, time_unit="ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
