@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     model.train()
     if not args.no_matmul_bias_grad:
         print(f"matmul bias gradients in {install_matmul_bias_grad(model)} Linear layers")
-    input_ids = paddle.randint(100, 20000, [args.batch, args.seq])
+    vocab = next(layer for layer in model.sublayers() if isinstance(layer, paddle.nn.Embedding)).weight.shape[0]
+    input_ids = paddle.randint(min(100, vocab // 2), vocab, [args.batch, args.seq])  # no special tokens
     labels = paddle.randint(0, len(LABELS), [args.batch, args.seq])
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=model.parameters(), weight_decay=0.01)
 
