@@ -86,7 +86,7 @@ class TrainConfig:
         True)
     matmul_bias_grad: bool = _doc(
         "On CPU in float32, compute Linear layers' bias gradients as a matmul instead of Paddle's slow row "
-        "reduction (pipeline/linear_grad.py): same outputs, ~20% less time per m3e-small training step.", True)
+        "reduction (pipeline/linear_grad.py): same outputs, ~15% less time per m3e-small training step.", True)
     max_bad_steps: int = _doc(
         "A step whose loss or gradients are NaN/Inf is skipped (no update) and counted; this many such steps "
         "in a row stop the run with an error naming the step and the last good checkpoint.", 10)

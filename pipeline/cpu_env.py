@@ -71,23 +71,30 @@ def apply_cpu_thread_settings(environ=os.environ) -> dict:
     return applied
 
 
+def _glibc_function(name: str, *argtypes):
+    """glibc's ``int name(argtypes...)`` from this process, or None where there is none (macOS, musl...)."""
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
+
+
 def keep_freed_memory(environ=os.environ) -> dict:
     """Make glibc's malloc keep freed blocks of up to 1 GiB for reuse; return the mallopt values set.
 
     Paddle's CPU kernels allocate multi-MiB temporaries (exact GELU's backward, the dense embedding
     gradient, ...) outside its own allocator. glibc serves blocks above its mmap threshold with a fresh
     mmap and unmaps them on free, so every step touches those pages anew: measured on this machine, the
-    GELU backward at one m3e-small batch took 14.5 ms per call, 2.7 ms with this (BENCHMARKS.md). Peak
+    GELU backward at one m3e-small batch took 14.7 ms per call, 2.5 ms with this (bench/step_profile.py,
+    BENCHMARKS.md). Peak
     memory is what the step needs anyway; freed memory is kept instead of returned. Not glibc (macOS,
     musl): nothing to set. ``NERPIPE_MALLOC=default`` turns it off.
     """
-    if environ.get(MALLOC_VARIABLE, "").strip().lower() == "default":
+    mallopt = _glibc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None or environ.get(MALLOC_VARIABLE, "").strip().lower() == "default":
         return {}
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return {}
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return {name: str(MALLOC_KEEP_BYTES) for name, parameter in _MALLOPT_PARAMETERS.items()
             if mallopt(parameter, MALLOC_KEEP_BYTES) == 1}
 
@@ -99,12 +106,8 @@ def release_freed_memory() -> bool:
     without it, the memory ``keep_freed_memory`` keeps would hold each such peak for the rest of the
     run (measured: +188 MiB per worker after the first evaluation, +83 MiB after the third).
     """
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
-    return malloc_trim(0) == 1
+    malloc_trim = _glibc_function("malloc_trim", ctypes.c_size_t)
+    return malloc_trim is not None and malloc_trim(0) == 1
 
 
 def apply_cpu_settings(environ=os.environ) -> dict:

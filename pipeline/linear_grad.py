@@ -2,8 +2,8 @@
 
 Paddle 3.3 on CPU reduces the output gradient over all rows for a Linear's
 bias with a kernel slower than the layer's own matrix products: at one
-m3e-small batch (16 x 46 tokens) the FFN's first Linear took 39.6 ms forward
-and backward, 28.0 ms written as ``x @ W + ones @ b`` (bench/op_costs.py).
+m3e-small batch (16 x 46 tokens) the FFN's first Linear took 40.1 ms forward
+and backward, 24.8 ms written as ``x @ W + ones @ b`` (bench/op_costs.py).
 The bias enters through an outer product with a column of ones, so autograd
 computes its gradient as ``ones^T @ dy`` (a matmul) and the sum of the two
 products has an ordinary same-shape gradient. ``1 * b`` is exact, so the

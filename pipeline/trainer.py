@@ -263,7 +263,7 @@ class Trainer:
                            skip_batches)
             if self.is_main:
                 self._truncate_histories(history, step)
-        if config.matmul_bias_grad and not config.use_gpu and config.amp == "off":
+        if config.matmul_bias_grad and not config.use_gpu and not self.amp.enabled:
             # Before to_static traces the forward, so the traced program has the matmul form.
             install_matmul_bias_grad(self.model)
         self.model, optimizer = self.amp.decorate(self.model, optimizer)

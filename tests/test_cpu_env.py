@@ -1,11 +1,17 @@
 """CPU settings per worker: threads, MKL's path, malloc."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from pipeline.cpu_env import apply_cpu_thread_settings, cpu_thread_settings
+from pipeline.cpu_env import MALLOC_VARIABLE, apply_cpu_thread_settings, cpu_thread_settings
+
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def test_cores_are_shared_between_local_workers():
@@ -37,19 +43,11 @@ print(json.dumps([sorted(applied), resource.getrusage(resource.RUSAGE_SELF).ru_m
 
 
 def _page_faults_of_second_allocation(malloc_setting: str | None) -> tuple[list, int]:
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from pipeline.cpu_env import MALLOC_VARIABLE
-
     env = {k: v for k, v in os.environ.items() if k != MALLOC_VARIABLE}
     if malloc_setting is not None:
         env[MALLOC_VARIABLE] = malloc_setting
-    out = subprocess.run([sys.executable, "-c", REALLOCATE, str(Path(__file__).resolve().parents[1])], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", REALLOCATE, ROOT], env=env, capture_output=True, text=True,
+                         check=True).stdout
     applied, faults = json.loads(out)
     return applied, faults
 
@@ -87,12 +85,7 @@ print(json.dumps([kept, rss_mib(), released]))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_memory_kept_after_a_peak_goes_back_to_the_kernel_when_released():
-    import json
-    import subprocess
-    from pathlib import Path
-
-    out = subprocess.run([sys.executable, "-c", RELEASE, str(Path(__file__).resolve().parents[1])],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", RELEASE, ROOT], capture_output=True, text=True, check=True).stdout
     kept, after, released = json.loads(out)
     assert released is True
     assert kept - after > 200, (kept, after)  # the freed 256 MiB was held, then returned
