@@ -83,7 +83,11 @@ def read_texts(lines, input_format: str, source: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.use_gpu:
-        apply_cpu_settings()  # before Paddle is imported
+        try:
+            apply_cpu_settings()  # before Paddle is imported
+        except ValueError as error:  # a bad NERPIPE_MALLOC
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     from tqdm import tqdm
 
     from pipeline.checkpoint import CheckpointError

@@ -33,11 +33,11 @@ def main(argv=None) -> int:
         return 0
     try:
         config = load_config(args.config, args.overrides)  # before Paddle loads: bad configs fail in a second
-    except ConfigError as error:
+        if not config.use_gpu:
+            apply_cpu_settings()  # must precede the first `import paddle`; refuses a bad NERPIPE_MALLOC
+    except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not config.use_gpu:
-        apply_cpu_settings()  # must precede the first `import paddle`
 
     from pipeline import dist
     from pipeline.assets import AssetError

@@ -92,8 +92,13 @@ def keep_freed_memory(environ=os.environ) -> dict:
     memory is what the step needs anyway; freed memory is kept instead of returned. Not glibc (macOS,
     musl): nothing to set. ``NERPIPE_MALLOC=default`` turns it off.
     """
+    setting = environ.get(MALLOC_VARIABLE, "").strip().lower()
+    if setting not in ("", "default"):
+        # A typo such as NERPIPE_MALLOC=off must not silently leave the setting on.
+        raise ValueError(f"{MALLOC_VARIABLE}={environ[MALLOC_VARIABLE]!r}: the only value it takes is 'default' "
+                         f"(leave glibc's malloc as it is); unset it to keep freed memory for reuse")
     mallopt = _glibc_function("mallopt", ctypes.c_int, ctypes.c_int)
-    if mallopt is None or environ.get(MALLOC_VARIABLE, "").strip().lower() == "default":
+    if mallopt is None or setting == "default":
         return {}
     return {name: str(MALLOC_KEEP_BYTES) for name, parameter in _MALLOPT_PARAMETERS.items()
             if mallopt(parameter, MALLOC_KEEP_BYTES) == 1}

@@ -89,3 +89,21 @@ def test_memory_kept_after_a_peak_goes_back_to_the_kernel_when_released():
     kept, after, released = json.loads(out)
     assert released is True
     assert kept - after > 200, (kept, after)  # the freed 256 MiB was held, then returned
+
+
+def test_an_unknown_malloc_setting_is_refused_not_ignored():
+    from pipeline.cpu_env import keep_freed_memory
+
+    with pytest.raises(ValueError, match="NERPIPE_MALLOC='off'.*'default'"):
+        keep_freed_memory({MALLOC_VARIABLE: "off"})
+
+
+@pytest.mark.parametrize("script", ["train_dist.py", "predict.py"])
+def test_the_scripts_refuse_an_unknown_malloc_setting_in_one_line(script, tmp_path):
+    arguments = {"train_dist.py": ["--config", "configs/msra_m3e_small_quick.yaml"],
+                 "predict.py": ["--checkpoint", str(tmp_path), "--input", "-"]}[script]
+    done = subprocess.run([sys.executable, script, *arguments], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, MALLOC_VARIABLE: "off"}, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: NERPIPE_MALLOC='off'"), done.stderr
+    assert "Traceback" not in done.stderr
