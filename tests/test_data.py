@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.data import (IGNORE_INDEX, Aligner, DataError, TrainingCollator, build_training_features,
-                           check_labels, fill_tokens_without_pieces, label_list_from, plan_windows, read_examples)
+from pipeline.alignment import Aligner, build_training_features, fill_tokens_without_pieces, plan_windows
+from pipeline.collate import TrainingCollator
+from pipeline.labels import IGNORE_INDEX
+from pipeline.readers import DataError, check_labels, label_list_from, read_examples
 
 
 @pytest.fixture(scope="module")
