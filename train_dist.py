@@ -42,11 +42,12 @@ def main(argv=None) -> int:
     from pipeline import dist
     from pipeline.assets import AssetError
     from pipeline.checkpoint import weights_digest
-    from pipeline.data import DataError, load_splits
     from pipeline.models import (ModelUnavailableError, build_token_classifier, build_tokenizer,
                                  check_weights_available, resolve_model)
+    from pipeline.readers import DataError
     from pipeline.rundir import claim_checkpoint_dir
     from pipeline.runtime import set_device, set_seed, setup_logging
+    from pipeline.splits import load_splits
     from pipeline.trainer import NumericalError, Trainer
 
     lock = None

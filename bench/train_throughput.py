@@ -85,7 +85,7 @@ def _child_prelude(args):
     applied = apply_cpu_settings()
     config = _load_config(args)
     from pipeline import dist
-    from pipeline.data import load_splits
+    from pipeline.splits import load_splits
     from pipeline.models import build_token_classifier, build_tokenizer, resolve_model
     from pipeline.runtime import set_device, set_seed
 

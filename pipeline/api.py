@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from .config import TrainConfig
-from .data import DataSplits, load_splits
 from .models import build_token_classifier, build_tokenizer, check_weights_available, resolve_model
+from .splits import DataSplits, load_splits
 
 
 def load_dataset(config: TrainConfig) -> DataSplits:

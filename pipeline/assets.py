@@ -27,8 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import TSV_SEPARATOR, write_tsv
 from .labels import MSRA_LABELS, to_bio
+from .readers import TSV_SEPARATOR, write_tsv
 
 CACHE_ENV = "NERPIPE_HOME"
 COMPLETE_MARKER = ".complete"

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     apply_cpu_settings()
     from .checkpoint import CheckpointError
-    from .data import DataError, check_labels, read_examples
+    from .readers import DataError, check_labels, read_examples
     from .evaluation import evaluate, write_predictions
     from .inference import Predictor
 

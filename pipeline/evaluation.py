@@ -11,10 +11,10 @@ import json
 from tqdm import tqdm
 
 from . import dist
-from .data import Example
 from .inference import TokenLabeller
 from .labels import entity_types
 from .metrics import EntityCounts
+from .readers import Example
 
 
 def evaluate(labeller: TokenLabeller, examples: list[Example], description: str = "eval",

@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from .data import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 # PaddleNLP's ERNIE-CRF multiplies the transitions' learning rate by 100: they start at zero
 # and would otherwise barely move at a fine-tuning learning rate.

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from .data import Aligner, fill_tokens_without_pieces, pad_batch
+from .alignment import Aligner, fill_tokens_without_pieces
+from .collate import pad_batch
 from .labels import OUTSIDE, bio_spans
 from .heads import decode_window, transitions_of
 from .models import token_logits

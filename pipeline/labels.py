@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 OUTSIDE = "O"
+IGNORE_INDEX = -100  # label id that the loss skips: special tokens, later pieces of a word, padding
+
 # PaddleHub's label list for MSRA-NER, in its order.
 MSRA_LABELS = ["B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "O"]
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 import numpy as np
 from paddle.io import DistributedBatchSampler
 
+# Hand-written because neither library has one: Paddle's DistributedBatchSampler shuffles and shards
+# but does not group by length, and PaddleNLP's TrainingArguments only mentions group_by_length in a
+# docstring. Grouping is done on the global batch, the same on every rank, so that all ranks run
+# batches of similar length at the same step instead of waiting for the one with the longest.
+
 
 class LengthGroupedBatchSampler(DistributedBatchSampler):
     """Shuffled every epoch, then grouped by length, identically on every rank, then sharded.

@@ -19,12 +19,13 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from tqdm import tqdm
 
 from . import dist
+from .alignment import Aligner, build_training_features
 from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, latest_training_state, load_training_state,
                          load_weights, prune_training_states, resume_source, save_model_checkpoint, save_training_state,
                          write_json)
+from .collate import TrainingCollator
 from .config import TrainConfig, save_config
 from .cpu_env import release_freed_memory
-from .data import Aligner, DataSplits, TrainingCollator, build_training_features
 from .evaluation import evaluate, write_predictions
 from .heads import token_loss
 from .inference import TokenLabeller
@@ -32,6 +33,7 @@ from .linear_grad import install_matmul_bias_grad
 from .models import token_logits
 from .optim import build_optimizer, clip_grads_, global_grad_norm
 from .sampling import LengthGroupedBatchSampler
+from .splits import DataSplits
 
 logger = logging.getLogger(__name__)
 

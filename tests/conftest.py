@@ -65,7 +65,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset_dir(tmp_path_factory) -> Path:
     """train/dev/test.tsv of synthetic sentences (seeded)."""
-    from pipeline.data import write_tsv
+    from pipeline.readers import write_tsv
 
     directory = tmp_path_factory.mktemp("tiny_data")
     rng = random.Random(7)

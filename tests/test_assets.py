@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline import assets
-from pipeline.data import read_examples
+from pipeline.readers import read_examples
 from pipeline.labels import MSRA_LABELS
 
 ROOT = Path(__file__).resolve().parents[1]

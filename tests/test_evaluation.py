@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 
 from pipeline import dist, evaluation
-from pipeline.data import Aligner, read_examples
+from pipeline.alignment import Aligner
 from pipeline.inference import TokenLabeller
 from pipeline.labels import MSRA_LABELS
 from pipeline.metrics import EntityCounts
+from pipeline.readers import read_examples
 
 from test_predictor import PerTokenModel
 

@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from pipeline.data import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 from pipeline.heads import _first_pieces, attach_crf, decode_window, token_loss, viterbi
 
 

@@ -8,7 +8,7 @@ import paddle
 import pytest
 
 from pipeline.config import TrainConfig
-from pipeline.data import Aligner
+from pipeline.alignment import Aligner
 from pipeline.inference import Predictor, TokenLabeller, character_labels, entities_of, split_text
 from pipeline.labels import MSRA_LABELS
 

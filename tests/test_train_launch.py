@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import read_examples
+from pipeline.readers import read_examples
 from pipeline.labels import bio_spans
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from pipeline.config import TrainConfig
-from pipeline.data import load_splits
+from pipeline.splits import load_splits
 from pipeline.models import build_token_classifier, build_tokenizer, resolve_model
 from pipeline.trainer import Trainer
 

@@ -1,0 +1,95 @@
+"""Splits: which train/dev/test files a config names, read and checked against one label list.
+
+Every split a run will use is read and checked here, before any model is
+built, so a missing file or a label outside the list stops the run at once
+instead of after the model has loaded (or, for test, after training).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .labels import MSRA_LABELS
+from .readers import EXTENSION_FORMATS, DataError, Example, check_labels, label_list_from, read_examples
+
+logger = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "dev", "test")
+
+
+@dataclass
+class DataSplits:
+    """Train, dev and (optional) test examples with the label list they share."""
+
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example] | None
+    labels: list[str]
+    files: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+def _find_split_file(directory: Path, split: str) -> Path | None:
+    matches = sorted(p for p in directory.glob(f"{split}.*") if p.suffix.lower() in EXTENSION_FORMATS)
+    if len(matches) > 1:
+        raise DataError(directory, None, f"several {split} files: {[p.name for p in matches]}; name one with {split}_file")
+    return matches[0] if matches else None
+
+
+def resolve_split_files(config) -> dict[str, Path | None]:
+    """The train/dev/test files a config points to, failing if train or dev is missing."""
+    if config.dataset == "msra_ner":
+        from . import assets  # imported here: reading user data must not need the asset module
+
+        directory = assets.data_dir("msra_ner")
+        if not assets.is_complete(directory):
+            raise DataError(directory, None, "MSRA-NER has not been fetched; run `python -m pipeline.assets fetch`")
+    else:
+        directory = Path(config.dataset)
+        explicit = config.train_file and config.dev_file
+        if not explicit and not directory.is_dir():
+            raise DataError(directory, None, "dataset is neither 'msra_ner' nor an existing directory")
+    files = {}
+    for split in SPLIT_NAMES:
+        given = getattr(config, f"{split}_file")
+        if given:
+            files[split] = Path(given)
+        elif directory.is_dir():
+            files[split] = _find_split_file(directory, split)
+        else:
+            files[split] = None
+    for split in ("train", "dev"):
+        if files[split] is None:
+            raise DataError(directory, None, f"no {split} file found (expected {split}.tsv, {split}.conll, "
+                                             f"{split}.txt or {split}.jsonl, or set {split}_file)")
+    return files
+
+
+def load_splits(config) -> DataSplits:
+    """Read and check every split a config names, before any model is built."""
+    files = resolve_split_files(config)
+    splits, stats = {}, {}
+    limits = {"train": config.max_train_examples, "dev": config.max_dev_examples, "test": config.max_test_examples}
+    for split, path in files.items():
+        if path is None or (split == "test" and not config.do_test):
+            splits[split] = None
+            continue
+        examples, read_stats = read_examples(path, config.data_format, config.tag_scheme)
+        if limits[split]:
+            examples = examples[: limits[split]]
+        splits[split] = examples
+        stats[split] = read_stats
+        logger.info("%s: %d sentences, %d tokens from %s (%d tags repaired: an I-/M-/E- opening a span became B-)",
+                    split, len(examples), read_stats.tokens, path, read_stats.repaired_tags)
+    if config.labels is not None:
+        labels = list(config.labels)
+    elif config.dataset == "msra_ner" and not config.train_file:
+        labels = list(MSRA_LABELS)
+    else:
+        labels = label_list_from(splits["train"])
+    for split in SPLIT_NAMES:
+        if splits[split] is not None:
+            check_labels(splits[split], labels)
+    return DataSplits(splits["train"], splits["dev"], splits["test"], labels,
+                      {k: str(v) if v else None for k, v in files.items()}, stats)
