@@ -128,11 +128,10 @@ def keep_freed_memory(environ=os.environ) -> dict:
 
     Paddle's CPU kernels allocate multi-MiB temporaries (exact GELU's backward, the dense embedding
     gradient, ...) outside its own allocator. glibc serves blocks above its mmap threshold with a fresh
-    mmap and unmaps them on free, so every step touches those pages anew: measured on this machine, the
-    GELU backward at one m3e-small batch took 14.7 ms per call, 2.5 ms with this (bench/step_profile.py,
-    BENCHMARKS.md). Peak
-    memory is what the step needs anyway; freed memory is kept instead of returned. Not glibc (macOS,
-    musl): nothing to set. ``NERPIPE_MALLOC=default`` turns it off.
+    mmap and unmaps them on free, so every step page-faults those pages in anew, which costs more than
+    some of the kernels themselves (bench/step_profile.py; figures in BENCHMARKS.md). Peak memory is
+    what the step needs anyway; freed memory is kept instead of returned. Not glibc (macOS, musl):
+    nothing to set. ``NERPIPE_MALLOC=default`` turns it off.
     """
     setting = environ.get(MALLOC_VARIABLE, "").strip().lower()
     if setting not in ("", "default"):
@@ -151,7 +150,7 @@ def release_freed_memory() -> bool:
 
     For after the occasional work that allocates more than a training step (evaluation, saving):
     without it, the memory ``keep_freed_memory`` keeps would hold each such peak for the rest of the
-    run (measured: +188 MiB per worker after the first evaluation, +83 MiB after the third).
+    run, and a long run's memory would grow in steps at every evaluation (bench/memory_trend.py).
     """
     malloc_trim = _glibc_function("malloc_trim", ctypes.c_size_t)
     return malloc_trim is not None and malloc_trim(0) == 1
