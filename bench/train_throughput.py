@@ -119,6 +119,7 @@ def _measure(marks: list, shapes: list, warmup: int, steps: int) -> dict:
 def child_ours(args) -> dict:
     config, splits, tokenizer, model, threads, applied = _child_prelude(args)
     import paddle
+    import pipeline.loader as loader_module
     import pipeline.trainer as trainer_module
     from pipeline import dist
 
@@ -126,7 +127,7 @@ def child_ours(args) -> dict:
     last = args.warmup + args.steps
     pad_id = tokenizer.pad_token_id
     build_optimizer, token_logits = trainer_module.build_optimizer, trainer_module.token_logits
-    build_features, data = trainer_module.build_training_features, {}
+    build_features, data = loader_module.build_training_features, {}
 
     def counting_build_features(examples, aligner, labels):
         features, stats = build_features(examples, aligner, labels)
@@ -154,7 +155,7 @@ def child_ours(args) -> dict:
 
     trainer_module.build_optimizer = timed_build_optimizer
     trainer_module.token_logits = recording_token_logits
-    trainer_module.build_training_features = counting_build_features
+    loader_module.build_training_features = counting_build_features
     trainer = trainer_module.Trainer(config, model, tokenizer, splits)
     try:
         trainer.fit()

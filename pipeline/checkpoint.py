@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import paddle
@@ -231,15 +231,57 @@ def load_portable_optimizer_state(model, optimizer, state: dict) -> None:
     optimizer.set_state_dict(_rename_optimizer_keys(state, {f"@{n}": p.name for n, p in model.named_parameters()}))
 
 
-def save_training_state(output_dir, model, optimizer, schedule, config: TrainConfig, progress: dict,
+@dataclass
+class TrainingProgress:
+    """Where the training loop is: everything besides tensors that a resumed run must continue from.
+
+    Its saved form (``training_state.json``, beside the schedule's state) belongs to this module:
+    ``to_state`` and ``from_state`` are the only code that reads or writes it.
+    """
+
+    step: int = 0  # optimiser steps taken (skipped NaN/Inf steps included)
+    epoch: int = 0  # the epoch being run
+    batches_done: int = 0  # batches of ``epoch`` consumed when the state was written
+    best_metric: float | None = None  # best dev value of config.compare_metrics so far
+    best_dev: dict | None = None  # the dev summary that reached it
+    evals_without_gain: int = 0  # for early stopping
+    history: list = field(default_factory=list)  # every dev evaluation's record, in order
+    evaluated_at: int | None = None  # step of this epoch's last dev evaluation, so the epoch end skips a repeat
+    bad_steps: int = 0  # steps whose loss or gradients were NaN/Inf (their update skipped)
+
+    def to_state(self) -> dict:
+        """The JSON form written into ``training_state.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "TrainingProgress":
+        """Read the JSON form; keys this version does not know are ignored, missing ones take defaults
+        (states written before ``bad_steps`` existed have none)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in known})
+
+
+def training_state_step(directory) -> int:
+    """The step a training state directory was written at (raises CheckpointError if it is not one)."""
+    path = Path(directory) / TRAINING_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"resume: {directory} holds no {TRAINING_STATE_FILE}; it is not a training state")
+    return int(_read_json(path)["step"])
+
+
+def add_metrics(directory, **metrics) -> None:
+    """Add entries (e.g. ``test=...``) to a model checkpoint's ``metrics.json``, keeping the others."""
+    path = Path(directory) / METRICS_FILE
+    write_json(path, {**_read_json(path), **metrics})
+
+
+def save_training_state(output_dir, model, optimizer, schedule, config: TrainConfig, progress: TrainingProgress,
                         rng_states: list, scaler_state: dict | None = None) -> Path:
     """Weights, optimiser, schedule, RNG, loss scaler and loop progress, written atomically; rank 0 only.
 
-    ``progress`` holds the loop's counters (``step``, ``epoch``, ``batches_done`` in that epoch,
-    best metric so far...) as JSON-serialisable values; ``rng_states`` is every rank's Paddle RNG
-    state in rank order (ranks draw different dropout masks).
+    ``rng_states`` is every rank's Paddle RNG state in rank order (ranks draw different dropout masks).
     """
-    target = training_state_dir(output_dir, progress["step"])
+    target = training_state_dir(output_dir, progress.step)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -251,7 +293,7 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
     paddle.save({"paddle_per_rank": list(rng_states)}, str(temporary / RNG_FILE))
     if scaler_state is not None:
         paddle.save(scaler_state, str(temporary / SCALER_FILE))
-    write_json(temporary / TRAINING_STATE_FILE, {**progress, "schedule": schedule.state_dict()})
+    write_json(temporary / TRAINING_STATE_FILE, {**progress.to_state(), "schedule": schedule.state_dict()})
     save_config(config, temporary / TRAIN_CONFIG_FILE)
     _replace_directory(temporary, target)
     return target
@@ -287,7 +329,7 @@ def resume_source(config: TrainConfig) -> Path | None:
 
 
 def load_training_state(directory, model, optimizer, schedule, rank: int = 0, world_size: int = 1,
-                        scaler=None) -> dict:
+                        scaler=None) -> TrainingProgress:
     """Restore weights, optimiser, schedule, this rank's RNG and the loss scaler from ``directory``;
     return the loop progress."""
     directory = Path(directory)
@@ -307,7 +349,7 @@ def load_training_state(directory, model, optimizer, schedule, rank: int = 0, wo
     paddle.set_rng_state(per_rank[rank % len(per_rank)])
     if scaler is not None and (directory / SCALER_FILE).is_file():
         scaler.load_state_dict(paddle.load(str(directory / SCALER_FILE)))
-    return state
+    return TrainingProgress.from_state(state)
 
 
 def weights_digest(model: paddle.nn.Layer) -> str:

@@ -1,10 +1,10 @@
 """CPU settings that must be in place before Paddle is imported: threads, MKL's path, malloc.
 
-Paddle's CPU build uses Intel MKL, which takes a slow code path on AMD
-processors unless ``MKL_DEBUG_CPU_TYPE=5`` is set, and runs one thread per
-process unless told otherwise (see ENVIRONMENT.md: 25 -> 131 GFLOP/s on this
-machine). Each local worker gets its share of the cores so that two workers
-under ``paddle.distributed.launch`` do not fight over them.
+Paddle's CPU build uses Intel MKL, which on AMD processors takes a generic, slow code path
+unless ``MKL_DEBUG_CPU_TYPE`` names one; the fastest one depends on the instruction set the
+processor has (detected at run time: machines of one kind differ), and on Intel MKL chooses well
+itself. MKL also runs one thread per process unless told otherwise, so each local worker gets its
+share of the cores: two workers under ``paddle.distributed.launch`` must not fight over them.
 
 glibc's malloc returns every freed block above its (adaptive, few-MiB)
 mmap threshold to the kernel, so each training step page-faults its large
@@ -39,6 +39,47 @@ def _cpu_vendor() -> str:
     return cpuinfo_field("vendor_id")
 
 
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags the kernel reports for this processor (empty where there is no /proc/cpuinfo).
+
+    Read from /proc/cpuinfo by hand: psutil, which the project uses for processes, does not report
+    CPU flags.
+    """
+    return frozenset(cpuinfo_field("flags").split())
+
+
+# MKL_DEBUG_CPU_TYPE values understood by the MKL that Paddle's CPU build ships: 5 is its AVX2 code
+# path, 6 its AVX-512 one. MKL's AVX-512 kernels need all of these (the Skylake-server set); a
+# processor that lacks one of them must not be sent there.
+MKL_AVX2_PATH = "5"
+MKL_AVX512_PATH = "6"
+AVX512_FLAGS = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
+AVX2_FLAGS = ("avx2", "fma")
+
+
+def mkl_cpu_type(vendor: str, flags) -> str | None:
+    """MKL's code path for this processor, or None to leave MKL's own choice.
+
+    On Intel, MKL already picks its best path. On AMD it would take a generic one: AVX-512 where
+    the processor has it (twice the float32 matmul rate of the AVX2 path on such a machine, see
+    BENCHMARKS.md), else AVX2 with FMA, else nothing forced.
+    """
+    if vendor != "AuthenticAMD":
+        return None
+    if all(flag in flags for flag in AVX512_FLAGS):
+        return MKL_AVX512_PATH
+    if all(flag in flags for flag in AVX2_FLAGS):
+        return MKL_AVX2_PATH
+    return None
+
+
+def instruction_set(flags) -> str:
+    """The widest vector instruction set among those MKL has a path for: 'avx512', 'avx2' or 'older'."""
+    if all(flag in flags for flag in AVX512_FLAGS):
+        return "avx512"
+    return "avx2" if all(flag in flags for flag in AVX2_FLAGS) else "older"
+
+
 def usable_cores() -> int:
     """Cores this process may run on: the affinity mask, not the machine's count (a scheduler may give us fewer)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -49,15 +90,16 @@ def local_worker_count(environ=os.environ) -> int:
     return max(1, int(environ.get("PADDLE_LOCAL_SIZE") or environ.get("PADDLE_TRAINERS_NUM") or 1))
 
 
-def cpu_thread_settings(environ=os.environ, cpu_count: int | None = None, vendor: str | None = None) -> dict:
-    """Variables to set: this worker's share of cores, plus MKL's fast path on AMD."""
+def cpu_thread_settings(environ=os.environ, cpu_count: int | None = None, vendor: str | None = None,
+                        flags=None) -> dict:
+    """Variables to set: this worker's share of cores, plus MKL's fastest path on AMD (``mkl_cpu_type``)."""
     if cpu_count is None:
         cpu_count = usable_cores()
     threads = max(1, cpu_count // local_worker_count(environ))
     settings = {name: str(threads) for name in THREAD_VARIABLES}
-    # Only on AMD: on an Intel CPU with AVX-512 this would force a slower path.
-    if (vendor if vendor is not None else _cpu_vendor()) == "AuthenticAMD":
-        settings["MKL_DEBUG_CPU_TYPE"] = "5"
+    path = mkl_cpu_type(vendor if vendor is not None else _cpu_vendor(), cpu_flags() if flags is None else flags)
+    if path is not None:
+        settings["MKL_DEBUG_CPU_TYPE"] = path
     return settings
 
 
@@ -86,11 +128,10 @@ def keep_freed_memory(environ=os.environ) -> dict:
 
     Paddle's CPU kernels allocate multi-MiB temporaries (exact GELU's backward, the dense embedding
     gradient, ...) outside its own allocator. glibc serves blocks above its mmap threshold with a fresh
-    mmap and unmaps them on free, so every step touches those pages anew: measured on this machine, the
-    GELU backward at one m3e-small batch took 14.7 ms per call, 2.5 ms with this (bench/step_profile.py,
-    BENCHMARKS.md). Peak
-    memory is what the step needs anyway; freed memory is kept instead of returned. Not glibc (macOS,
-    musl): nothing to set. ``NERPIPE_MALLOC=default`` turns it off.
+    mmap and unmaps them on free, so every step page-faults those pages in anew, which costs more than
+    some of the kernels themselves (bench/step_profile.py; figures in BENCHMARKS.md). Peak memory is
+    what the step needs anyway; freed memory is kept instead of returned. Not glibc (macOS, musl):
+    nothing to set. ``NERPIPE_MALLOC=default`` turns it off.
     """
     setting = environ.get(MALLOC_VARIABLE, "").strip().lower()
     if setting not in ("", "default"):
@@ -109,7 +150,7 @@ def release_freed_memory() -> bool:
 
     For after the occasional work that allocates more than a training step (evaluation, saving):
     without it, the memory ``keep_freed_memory`` keeps would hold each such peak for the rest of the
-    run (measured: +188 MiB per worker after the first evaluation, +83 MiB after the third).
+    run, and a long run's memory would grow in steps at every evaluation (bench/memory_trend.py).
     """
     malloc_trim = _glibc_function("malloc_trim", ctypes.c_size_t)
     return malloc_trim is not None and malloc_trim(0) == 1

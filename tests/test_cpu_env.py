@@ -17,9 +17,58 @@ ROOT = str(Path(__file__).resolve().parents[1])
 def test_cores_are_shared_between_local_workers():
     alone = cpu_thread_settings({}, cpu_count=8, vendor="GenuineIntel")
     assert alone == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8", "FLAGS_paddle_num_threads": "8"}
-    two = cpu_thread_settings({"PADDLE_LOCAL_SIZE": "2"}, cpu_count=2, vendor="AuthenticAMD")
+    two = cpu_thread_settings({"PADDLE_LOCAL_SIZE": "2"}, cpu_count=2, vendor="AuthenticAMD", flags=AVX2_ONLY)
     assert two["OMP_NUM_THREADS"] == "1" and two["MKL_DEBUG_CPU_TYPE"] == "5"
     assert cpu_thread_settings({"PADDLE_LOCAL_SIZE": "4"}, cpu_count=2, vendor="")["OMP_NUM_THREADS"] == "1"
+
+
+# Flags as /proc/cpuinfo lists them: an AVX2-only EPYC (Zen 2) and an AVX-512 one (Zen 4).
+AVX2_ONLY = frozenset("fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma bmi1 avx2 bmi2".split())
+AVX512 = AVX2_ONLY | frozenset("avx512f avx512dq avx512ifma avx512cd avx512bw avx512vl avx512_bf16 "
+                               "avx512_vnni".split())
+
+
+@pytest.mark.parametrize("vendor, flags, expected", [
+    ("AuthenticAMD", AVX512, "6"),  # MKL's AVX-512 path
+    ("AuthenticAMD", AVX2_ONLY, "5"),  # its AVX2 path
+    ("AuthenticAMD", AVX2_ONLY | {"avx512f"}, "5"),  # AVX-512 foundation alone is not what MKL's kernels need
+    ("AuthenticAMD", frozenset({"sse2", "avx"}), None),  # no AVX2: MKL's own choice
+    ("GenuineIntel", AVX512, None),  # Intel: MKL picks its best path itself
+    ("", frozenset(), None),  # no /proc/cpuinfo
+])
+def test_mkl_path_follows_the_detected_instruction_set(vendor, flags, expected):
+    from pipeline.cpu_env import mkl_cpu_type
+
+    assert mkl_cpu_type(vendor, flags) == expected
+    settings = cpu_thread_settings({}, cpu_count=2, vendor=vendor, flags=flags)
+    assert settings.get("MKL_DEBUG_CPU_TYPE") == expected
+
+
+def test_the_users_mkl_path_wins_over_the_detected_one(monkeypatch):
+    import pipeline.cpu_env as cpu_env
+
+    monkeypatch.setattr(cpu_env, "_cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(cpu_env, "cpu_flags", lambda: AVX512)
+    detected = {}
+    assert apply_cpu_thread_settings(detected)["MKL_DEBUG_CPU_TYPE"] == "6"
+    environ = {"MKL_DEBUG_CPU_TYPE": "5"}
+    assert "MKL_DEBUG_CPU_TYPE" not in apply_cpu_thread_settings(environ)
+    assert environ["MKL_DEBUG_CPU_TYPE"] == "5"
+
+
+def test_this_machines_flags_are_read():
+    from pipeline.cpu_env import cpu_flags, instruction_set
+
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo")
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 flags only")
+    flags = cpu_flags()
+    assert "sse2" in flags, sorted(flags)[:20]  # every x86-64 processor has it
+    assert instruction_set(flags) in ("avx512", "avx2", "older")
+    assert instruction_set(AVX512) == "avx512" and instruction_set(AVX2_ONLY) == "avx2"
 
 
 def test_users_own_settings_win():

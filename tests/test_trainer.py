@@ -62,7 +62,7 @@ def test_clipping_bounds_every_update_to_the_clipped_gradient(tiny_model_dir, ti
         seen.append(optim.global_grad_norm(trainer.model.parameters()))
         optimizer.step()
 
-    monkeypatch.setattr("pipeline.trainer.AmpPolicy.step", observing_step)
+    monkeypatch.setattr("pipeline.amp.AmpPolicy.step", observing_step)
     trainer.fit()
     assert len(seen) == 4 and all(n == pytest.approx(1e-3, rel=1e-4) for n in seen)
     logged = [json.loads(line)["grad_norm"] for line in (tmp_path / "out" / "train_metrics.jsonl").open()]
@@ -98,8 +98,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_at_the_exact_step(tiny_model_di
     out = tmp_path / "killed"
     original_log = Trainer._log_training
 
-    def crash_at_step_5(self, window, step, learning_rate, bar):
-        original_log(self, window, step, learning_rate, bar)
+    def crash_at_step_5(self, step):
+        original_log(self, step)
         if step == 5:
             raise RuntimeError("simulated crash")
 
@@ -112,7 +112,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_at_the_exact_step(tiny_model_di
     steps_run = []
     resumed_trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, out, **settings)
     monkeypatch.setattr(Trainer, "_log_training",
-                        lambda self, window, step, lr, bar: (steps_run.append(step), original_log(self, window, step, lr, bar)))
+                        lambda self, step: (steps_run.append(step), original_log(self, step)))
     resumed = resumed_trainer.fit()
     assert steps_run == [4, 5, 6], "the resumed run must run exactly the remaining steps"
     assert resumed.global_step == 6
@@ -165,11 +165,11 @@ def test_nan_steps_are_skipped_and_counted(tiny_model_dir, tiny_dataset_dir, tmp
     digests = {}
     original_log = Trainer._log_training
 
-    def record(self, window, step, learning_rate, bar):
+    def record(self, step):
         from pipeline.checkpoint import weights_digest
 
         digests[step] = weights_digest(self.model)
-        original_log(self, window, step, learning_rate, bar)
+        original_log(self, step)
 
     monkeypatch.setattr(Trainer, "_log_training", record)
     result = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path / "out", max_steps=5, max_bad_steps=3,

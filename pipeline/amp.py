@@ -1,0 +1,62 @@
+"""Automatic mixed precision: the autocast context, O2 decoration and the fp16 loss scaler, from the config.
+
+One object owns every AMP decision, so the training step, evaluation during training and the
+NaN/Inf handling ask it instead of re-reading ``config.amp``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import paddle
+
+from .config import TrainConfig
+
+
+class AmpPolicy:
+    """Autocast context, optional O2 decoration and the fp16 loss scaler, from the config."""
+
+    def __init__(self, config: TrainConfig):
+        self.enabled = config.amp != "off"
+        self.dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(config.amp, "float32")
+        self.level = config.amp_level
+        # Only fp16 needs loss scaling: bf16 has float32's exponent range.
+        self.scaler = paddle.amp.GradScaler(init_loss_scaling=config.init_loss_scaling) if config.amp == "fp16" else None
+
+    def decorate(self, model, optimizer):
+        """Cast parameters for O2 (keeping float32 master weights in the optimizer)."""
+        if self.enabled and self.level == "O2":
+            return paddle.amp.decorate(models=model, optimizers=optimizer, level="O2", dtype=self.dtype)
+        return model, optimizer
+
+    def autocast(self):
+        """Context for forward passes, in training and evaluation alike."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(enable=True, level=self.level, dtype=self.dtype)
+
+    def backward(self, loss):
+        """Backward of the (scaled, for fp16) loss."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def unscale(self, optimizer):
+        """Undo the fp16 loss scale on the gradients before they are measured or clipped."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer):
+        """Optimiser step; with fp16 the scaler skips on Inf/NaN (found when unscaling) and adapts the scale."""
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def skip(self, optimizer):
+        """A step whose gradients are not finite: only the fp16 scaler acts (it skips the update itself and
+        lowers the scale); without one there is nothing to do."""
+        if self.scaler:
+            self.step(optimizer)
+
+    def scaler_state(self) -> dict | None:
+        """The loss scaler's state for a training state, or None without one."""
+        return self.scaler.state_dict() if self.scaler else None
