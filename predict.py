@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from pipeline.checkpoint import CheckpointError
-    from pipeline.inference import Predictor
+    from pipeline.predictor import Predictor
 
     input_format = args.input_format
     if input_format == "auto":

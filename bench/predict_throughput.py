@@ -172,7 +172,7 @@ def child(args) -> int:
 
     apply_cpu_settings()  # before Paddle is imported, as predict.py does
     import predict  # noqa: F401  (its defaults: batch size, chunk of lines)
-    from pipeline.inference import Predictor
+    from pipeline.predictor import Predictor
 
     kind, options = parse_spec(args.child)
     texts = read_test_texts(Path(args.test_file).expanduser())

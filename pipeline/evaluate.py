@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError, check_labels, read_examples
     from .evaluation import evaluate, write_predictions
-    from .inference import Predictor
+    from .predictor import Predictor
 
     try:
         examples, _ = read_examples(args.file, args.data_format, args.tag_scheme)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import dist
 from .data import Example
-from .inference import TokenLabeller
+from .labeller import TokenLabeller
 from .labels import entity_types
 from .metrics import EntityCounts
 

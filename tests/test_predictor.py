@@ -9,8 +9,11 @@ import pytest
 
 from pipeline.config import TrainConfig
 from pipeline.data import Aligner
-from pipeline.inference import Predictor, TokenLabeller, character_labels, entities_of, split_text
+from pipeline.engines import DynamicEngine
+from pipeline.labeller import TokenLabeller
 from pipeline.labels import MSRA_LABELS
+from pipeline.predictor import Predictor
+from pipeline.text import character_labels, entities_of, split_text
 
 
 class PerTokenModel(paddle.nn.Layer):
@@ -36,9 +39,9 @@ def tokenizer(tiny_model_dir):
 def test_windowed_prediction_equals_whole_prediction(tokenizer):
     model = PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS))
     text = "张三在北京工作 2022年访问nasa😀，" * 40  # 800 characters, spaces and emoji included
-    whole = TokenLabeller(model, Aligner(tokenizer, 1024), MSRA_LABELS).label([list(text)])[0]
+    whole = TokenLabeller(DynamicEngine(model), Aligner(tokenizer, 1024), MSRA_LABELS).label([list(text)])[0]
     short = Aligner(tokenizer, 16)
-    windowed = TokenLabeller(model, short, MSRA_LABELS).label([list(text)])[0]
+    windowed = TokenLabeller(DynamicEngine(model), short, MSRA_LABELS).label([list(text)])[0]
     assert len(short.windows(list(text), overlap=3)) > 50
     assert windowed == whole and len(windowed) == len(text)
 
