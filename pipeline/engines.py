@@ -109,8 +109,8 @@ class StaticEngine:
     ``onednn`` (MKLDNN), ``ir_optim`` (operator fusion) and ``memory_optim``
     (buffer reuse) are Paddle Inference's CPU options; every combination gives
     the dynamic graph's labels. oneDNN is off because it caches kernels per input
-    shape and every batch has its own length, so it costs far more memory than
-    it saves time (BENCHMARKS.md); the other two keep Paddle Inference's own
+    shape and every batch has its own length, so its small speed-up costs several
+    times the memory (BENCHMARKS.md); the other two keep Paddle Inference's own
     defaults.
     """
 
