@@ -171,8 +171,9 @@ def child(args) -> int:
     from pipeline.cpu_env import apply_cpu_settings
 
     apply_cpu_settings()  # before Paddle is imported, as predict.py does
-    import predict  # noqa: F401  (its defaults: batch size, chunk of lines)
-    from pipeline.inference import Predictor
+    import predict  # its default batch size
+    from pipeline.prediction_io import CHUNK_LINES
+    from pipeline.predictor import Predictor
 
     kind, options = parse_spec(args.child)
     texts = read_test_texts(Path(args.test_file).expanduser())
@@ -221,7 +222,7 @@ def child(args) -> int:
             labels.append(predictor.predict([text])[0]["labels"])
     else:  # predict.py's chunks of lines (CHUNK_LINES per worker)
         worker_usage = predictor.usage() if workers > 1 else []
-        chunk = predict.CHUNK_LINES * workers
+        chunk = CHUNK_LINES * workers
         start = time.perf_counter()
         for begin in range(0, len(timed), chunk):
             labels.extend(r["labels"] for r in predictor.predict(timed[begin: begin + chunk]))

@@ -21,7 +21,7 @@ _EXPORTS = {
     "load_dataset": "pipeline.api",
     "load_model": "pipeline.api",
     "Trainer": "pipeline.trainer",
-    "Predictor": "pipeline.inference",
+    "Predictor": "pipeline.predictor",
     "ParallelPredictor": "pipeline.predict_workers",
 }
 

@@ -1,11 +1,12 @@
-"""Evaluate a saved checkpoint on a labelled file with the training code's own evaluation.
+"""Evaluation command line: a saved checkpoint on a labelled file, with the training code's own evaluation.
 
     python -m pipeline.evaluate --checkpoint outputs/msra_full/best_model \\
         --file ~/.cache/nerpipe/data/msra_ner/test.tsv --predictions test_predictions.jsonl
 
 Prints entity-level precision, recall and F1 (overall and per type) as JSON; the
 numbers are those ``train_dist.py`` reports for the same model and file, since
-both run ``pipeline.evaluation.evaluate`` over the same ``TokenLabeller``.
+both run ``pipeline.evaluation.evaluate`` (the library) over the same ``TokenLabeller``.
+This module only wires the reader, the predictor and that function together.
 """
 from __future__ import annotations
 
@@ -14,20 +15,27 @@ import json
 import sys
 from pathlib import Path
 
+from .config import DATA_FORMATS, TAG_SCHEMES
 from .cpu_env import apply_cpu_settings
+from .predictor import ENGINES, Predictor
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The evaluation CLI's flags; the choice lists belong to the config and the predictor."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a best_model/ directory written by train_dist.py")
     parser.add_argument("--file", required=True, help="labelled .tsv, .conll/.txt or .jsonl file")
-    parser.add_argument("--data_format", default="auto", choices=("auto", "tsv", "conll", "jsonl"))
-    parser.add_argument("--tag_scheme", default="auto", choices=("auto", "bio", "bioes", "bmes"))
+    parser.add_argument("--data_format", default="auto", choices=DATA_FORMATS)
+    parser.add_argument("--tag_scheme", default="auto", choices=TAG_SCHEMES)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_examples", type=int, default=0, help="only the first N sentences (0: all)")
     parser.add_argument("--predictions", help="also write every sentence's tokens, gold and predicted labels here")
-    parser.add_argument("--engine", default="dynamic", choices=("auto", "dynamic", "static"))
-    return parser.parse_args(argv)
+    parser.add_argument("--engine", default="dynamic", choices=ENGINES)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -36,7 +44,6 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .readers import DataError, check_labels, read_examples
     from .evaluation import evaluate, write_predictions
-    from .inference import Predictor
 
     try:
         examples, _ = read_examples(args.file, args.data_format, args.tag_scheme)

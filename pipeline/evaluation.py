@@ -1,8 +1,10 @@
-"""Evaluation: exact corpus-level entity P/R/F1 over a data set split across ranks.
+"""Evaluation library: exact corpus-level entity P/R/F1 over a data set split across ranks.
 
 Each rank labels its own strided share of the examples (no padding, so no
 example is counted twice), counts predicted, gold and correct entities, and
-the counts are summed over ranks before P/R/F1 are computed.
+the counts are summed over ranks before P/R/F1 are computed. The trainer calls
+it on dev and test; ``python -m pipeline.evaluate`` (the command line, in
+``pipeline/evaluate.py``) calls it on any labelled file.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import json
 from tqdm import tqdm
 
 from . import dist
-from .inference import TokenLabeller
+from .labeller import TokenLabeller
 from .labels import entity_types
 from .metrics import EntityCounts
 from .readers import Example

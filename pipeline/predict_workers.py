@@ -35,7 +35,7 @@ def _predict_shard(predictor_options: dict, texts: list[str]) -> tuple[str, list
     """Load the predictor on first use (errors reach the caller as exceptions), then predict."""
     global _predictor
     if _predictor is None:
-        from .inference import Predictor
+        from .predictor import Predictor
 
         _predictor = Predictor.from_checkpoint(**predictor_options)
     return _predictor.engine_name, _predictor.predict(texts)

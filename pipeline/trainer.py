@@ -27,9 +27,10 @@ from .checkpoint import (WEIGHTS_FILE, TrainingProgress, add_metrics, latest_tra
                          save_training_state, training_state_step, write_json)
 from .config import TrainConfig, save_config
 from .cpu_env import release_freed_memory
+from .engines import DynamicEngine
 from .evaluation import evaluate, write_predictions
 from .heads import token_loss
-from .inference import TokenLabeller
+from .labeller import TokenLabeller
 from .linear_grad import install_matmul_bias_grad
 from .loader import build_train_loader
 from .models import token_logits
@@ -94,18 +95,6 @@ class LossOfBatch(paddle.nn.Layer):
         with self.amp.autocast():
             logits = token_logits(self.model, input_ids)
         return token_loss(self.model, logits, label_ids)
-
-
-class AutocastLabeller(TokenLabeller):
-    """A TokenLabeller whose forward passes run under the training AMP policy (needed for O2)."""
-
-    def __init__(self, *args, amp: AmpPolicy, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.amp = amp
-
-    def _predict_windows(self, windows):
-        with self.amp.autocast():
-            return super()._predict_windows(windows)
 
 
 class Trainer:
@@ -345,7 +334,8 @@ class Trainer:
 
     def labeller(self) -> TokenLabeller:
         """The evaluation engine over the bare model, under the training AMP policy."""
-        return AutocastLabeller(self.model, self.aligner, self.labels, self.config.eval_batch_size, amp=self.amp)
+        return TokenLabeller(DynamicEngine(self.model, autocast=self.amp.autocast), self.aligner, self.labels,
+                             self.config.eval_batch_size)
 
     def evaluate_split(self, examples, name: str) -> dict:
         """Exact P/R/F1 summary on a split (collective: every rank calls it)."""

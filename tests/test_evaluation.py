@@ -5,7 +5,8 @@ import pytest
 
 from pipeline import dist, evaluation
 from pipeline.alignment import Aligner
-from pipeline.inference import TokenLabeller
+from pipeline.engines import DynamicEngine
+from pipeline.labeller import TokenLabeller
 from pipeline.labels import MSRA_LABELS
 from pipeline.metrics import EntityCounts
 from pipeline.readers import read_examples
@@ -25,7 +26,7 @@ def test_two_rank_evaluation_sums_to_the_single_process_counts(tiny_model_dir, t
     tokenizer = BertTokenizer.from_pretrained(str(tiny_model_dir))
     examples, _ = read_examples(tiny_dataset_dir / "dev.tsv")
     examples = examples[:23]  # odd, so a padding sampler would have to repeat one
-    labeller = TokenLabeller(PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS), seed=3),
+    labeller = TokenLabeller(DynamicEngine(PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS), seed=3)),
                              Aligner(tokenizer, 32), MSRA_LABELS, batch_size=4)
     whole = evaluation.evaluate(labeller, examples, show_progress=False)
 
@@ -49,7 +50,7 @@ def test_kept_predictions_are_the_labellers_and_give_seqeval_the_same_metrics(ti
     tokenizer = BertTokenizer.from_pretrained(str(tiny_model_dir))
     examples, _ = read_examples(tiny_dataset_dir / "test.tsv")
     # A random per-token model: some entities right, many wrong, so the metrics are far from 0 and 1.
-    labeller = TokenLabeller(PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS), seed=5),
+    labeller = TokenLabeller(DynamicEngine(PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS), seed=5)),
                              Aligner(tokenizer, 32), MSRA_LABELS, batch_size=4)
     counts, predictions = evaluation.evaluate(labeller, examples, show_progress=False, keep_predictions=True)
     assert predictions == labeller.label([e.tokens for e in examples])  # in the examples' order

@@ -111,7 +111,7 @@ def test_sigkill_of_one_worker_ends_the_job_and_a_relaunch_finishes_it(tiny_mode
 
 def test_rank0_killed_while_writing_a_state_leaves_the_previous_one_usable(tiny_model_dir, tiny_dataset_dir,
                                                                            tmp_path):
-    from pipeline.inference import Predictor
+    from pipeline.predictor import Predictor
 
     out_dir = tmp_path / "run"
     settings = overrides(tiny_model_dir, tiny_dataset_dir, out_dir, max_steps=12, save_interval=4, eval_interval=4,
@@ -165,7 +165,7 @@ print("saved", flush=True)
     finally:
         if job.poll() is None:
             job.kill()
-    from pipeline.inference import Predictor
+    from pipeline.predictor import Predictor
 
     assert json.loads((tmp_path / "best_model" / "metrics.json").read_text()) == {"v": 1}
     Predictor.from_checkpoint(tmp_path / "best_model").predict(["李四去上海"])

@@ -9,8 +9,11 @@ import pytest
 
 from pipeline.config import TrainConfig
 from pipeline.alignment import Aligner
-from pipeline.inference import Predictor, TokenLabeller, character_labels, entities_of, split_text
+from pipeline.engines import DynamicEngine
+from pipeline.labeller import TokenLabeller
 from pipeline.labels import MSRA_LABELS
+from pipeline.predictor import Predictor
+from pipeline.text import character_labels, entities_of, split_text
 
 
 class PerTokenModel(paddle.nn.Layer):
@@ -36,11 +39,57 @@ def tokenizer(tiny_model_dir):
 def test_windowed_prediction_equals_whole_prediction(tokenizer):
     model = PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS))
     text = "张三在北京工作 2022年访问nasa😀，" * 40  # 800 characters, spaces and emoji included
-    whole = TokenLabeller(model, Aligner(tokenizer, 1024), MSRA_LABELS).label([list(text)])[0]
+    whole = TokenLabeller(DynamicEngine(model), Aligner(tokenizer, 1024), MSRA_LABELS).label([list(text)])[0]
     short = Aligner(tokenizer, 16)
-    windowed = TokenLabeller(model, short, MSRA_LABELS).label([list(text)])[0]
+    windowed = TokenLabeller(DynamicEngine(model), short, MSRA_LABELS).label([list(text)])[0]
     assert len(short.windows(list(text), overlap=3)) > 50
     assert windowed == whole and len(windowed) == len(text)
+
+
+def test_dynamic_engine_runs_every_forward_under_its_autocast_factory(tokenizer):
+    import contextlib
+
+    class RecordingModel(PerTokenModel):
+        """Remembers whether the autocast context was open during each forward."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.inside, self.forwards_inside = False, []
+
+        def forward(self, input_ids, token_type_ids=None, **unused):
+            self.forwards_inside.append(self.inside)
+            return super().forward(input_ids)
+
+    model = RecordingModel(len(tokenizer.vocab), len(MSRA_LABELS))
+    entered = []
+
+    @contextlib.contextmanager
+    def autocast():
+        entered.append(True)
+        model.inside = True
+        try:
+            yield
+        finally:
+            model.inside = False
+
+    aligner = Aligner(tokenizer, 16)
+    token_lists = [list("张三在北京工作" * 6), list("李四"), list("王小明去上海读书" * 3)]
+    windows = sum(len(aligner.windows(tokens, overlap=aligner.budget // 4)) for tokens in token_lists)
+    labeller = TokenLabeller(DynamicEngine(model, autocast=autocast), aligner, MSRA_LABELS, batch_size=2)
+    labels = labeller.label(token_lists)
+    batches = -(-windows // 2)
+    assert windows > 4 and len(entered) == batches and model.forwards_inside == [True] * batches
+    assert not model.inside  # each context is left after its forward
+    plain = TokenLabeller(DynamicEngine(model), aligner, MSRA_LABELS, batch_size=2).label(token_lists)
+    assert plain == labels and model.forwards_inside[batches:] == [False] * batches
+
+
+def test_labeller_takes_an_engine_not_a_layer(tokenizer):
+    model = PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS))
+    with pytest.raises(TypeError, match="DynamicEngine"):
+        TokenLabeller(model, Aligner(tokenizer, 16), MSRA_LABELS)
+    labeller = TokenLabeller(DynamicEngine(model), Aligner(tokenizer, 16), MSRA_LABELS)
+    assert not hasattr(labeller, "model") and labeller.engine.model is model
 
 
 def test_word_mode_spreads_labels_over_characters():
@@ -183,6 +232,39 @@ def test_predict_cli_errors(checkpoint_dir, tmp_path, monkeypatch, capsys):
     assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(tmp_path / "absent.txt")],
                            monkeypatch) == 2
     assert "absent.txt does not exist" in capsys.readouterr().err
+
+
+def test_cli_choices_are_the_owning_modules_lists():
+    import predict
+    from pipeline import evaluate
+    from pipeline.config import DATA_FORMATS, TAG_SCHEMES
+    from pipeline.prediction_io import INPUT_FORMATS
+    from pipeline.predictor import ENGINES
+
+    def choices(parser):
+        return {action.dest: action.choices for action in parser._actions if action.choices is not None}
+
+    assert choices(predict.build_parser()) == {"input_format": INPUT_FORMATS, "engine": ENGINES}
+    assert choices(predict.build_parser())["engine"] is ENGINES
+    assert choices(predict.build_parser())["input_format"] is INPUT_FORMATS
+    evaluate_choices = choices(evaluate.build_parser())
+    assert evaluate_choices == {"data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "engine": ENGINES}
+    assert (evaluate_choices["data_format"] is DATA_FORMATS and evaluate_choices["tag_scheme"] is TAG_SCHEMES
+            and evaluate_choices["engine"] is ENGINES)
+
+
+def test_the_clis_import_their_choices_without_paddle():
+    """The CPU thread variables must be set before Paddle is imported, so the choice lists come without it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; import predict, pipeline.evaluate, pipeline.predictor, pipeline.prediction_io; "
+            "print(sorted(name for name in sys.modules if name.split('.')[0] in ('paddle', 'paddlenlp')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 # The prediction-input cases of the reliability issue: each yields exactly one output line, in order.
