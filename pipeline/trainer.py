@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from . import dist
 from .checkpoint import (METRICS_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, latest_training_state, load_training_state,
-                         load_weights, prune_training_states, resume_source, save_model_checkpoint, save_training_state,
-                         write_json)
+                         load_weights, prune_training_states, resume_source, save_model_checkpoint, save_training_state)
 from .config import TrainConfig, save_config
 from .cpu_env import release_freed_memory
 from .data import Aligner, DataSplits, TrainingCollator, build_training_features
 from .evaluation import evaluate, write_predictions
+from .files import write_json
 from .heads import token_loss
 from .inference import TokenLabeller
 from .linear_grad import install_matmul_bias_grad
