@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .asset_cache import data_dir, is_complete
 from .labels import (MSRA_LABELS, OUTSIDE, TagError, bio_labels_for_types, entity_types, scheme_for_prefixes,
                      split_tag, to_bio)
 
@@ -238,10 +239,8 @@ def _find_split_file(directory: Path, split: str) -> Path | None:
 def resolve_split_files(config) -> dict[str, Path | None]:
     """The train/dev/test files a config points to, failing if train or dev is missing."""
     if config.dataset == "msra_ner":
-        from . import assets  # imported here: reading user data must not need the asset module
-
-        directory = assets.data_dir("msra_ner")
-        if not assets.is_complete(directory):
+        directory = data_dir("msra_ner")
+        if not is_complete(directory):
             raise DataError(directory, None, "MSRA-NER has not been fetched; run `python -m pipeline.assets fetch`")
     else:
         directory = Path(config.dataset)

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from .assets import sha256_of
+from .files import sha256_of
 
 EXPORT_META_FILE = "export.json"
 MODEL_PREFIX = "inference"

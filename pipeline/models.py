@@ -267,10 +267,10 @@ def _supports_torch_conversion(classifier: type) -> bool:
 
 
 def _offline_spec() -> ModelSpec:
-    # Imported here: pipeline.assets is a separate stage, not needed for other models.
-    from pipeline import assets
+    # Imported here: the asset cache is a separate stage, not needed for other models.
+    from pipeline import asset_cache
 
-    directory = os.path.abspath(str(assets.model_dir(OFFLINE_MODEL_NAME)))
+    directory = os.path.abspath(str(asset_cache.model_dir(OFFLINE_MODEL_NAME)))
     if os.path.isfile(os.path.join(directory, CONFIG_FILE)):
         return _spec_for_directory(directory, alias=OFFLINE_MODEL_NAME)
     # Not fetched yet: describe what will be there (a BERT in PyTorch layout, per
