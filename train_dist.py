@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         return 2
 
     from pipeline import dist
-    from pipeline.assets import AssetError
+    from pipeline.asset_cache import AssetError
     from pipeline.checkpoint import weights_digest
     from pipeline.models import (ModelUnavailableError, build_token_classifier, build_tokenizer,
                                  check_weights_available, resolve_model)

@@ -21,6 +21,7 @@ from pathlib import Path
 import paddle
 
 from .config import TrainConfig, save_config
+from .files import atomic_directory, read_json_object, write_json
 
 WEIGHTS_FILE = "model.pdparams"
 META_FILE = "pipeline.json"
@@ -35,18 +36,12 @@ SCALER_FILE = "loss_scaler.pdstate"
 SAVE_DELAY_VARIABLE = "NERPIPE_TEST_SAVE_DELAY"
 FORMAT_VERSION = 1
 REQUIRED_FILES = (WEIGHTS_FILE, META_FILE, MODEL_CONFIG_FILE)
+# The end of every error about a checkpoint file that cannot be read as JSON.
+_DAMAGED = "the checkpoint is damaged"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that is incomplete or does not fit what is asked of it."""
-
-
-def write_json(path: Path, value) -> None:
-    """Write JSON via a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def float32_state_dict(model: paddle.nn.Layer) -> dict:
@@ -65,41 +60,28 @@ def _test_pause() -> None:
         time.sleep(delay)
 
 
-def _replace_directory(temporary: Path, target: Path) -> None:
-    """Move a finished directory into place, replacing an older one at ``target``."""
-    previous = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(temporary, target)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def save_model_checkpoint(directory, model, tokenizer, config: TrainConfig, labels: list[str],
                           metrics: dict | None = None, extra_files: dict | None = None) -> Path:
     """Write a complete, self-describing model directory atomically; rank 0 only."""
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
-    _test_pause()
-    model.config.save_pretrained(str(temporary))
-    tokenizer.save_pretrained(str(temporary))
-    write_json(temporary / META_FILE, {
-        "format_version": FORMAT_VERSION,
-        "labels": list(labels),
-        "text_unit": config.text_unit,
-        "max_seq_len": config.max_seq_len,
-        "tokenizer_class": type(tokenizer).__name__,
-        "model_class": type(model).__name__,
-        "base_model": config.model,
-    })
-    save_config(config, temporary / TRAIN_CONFIG_FILE)
-    write_json(temporary / METRICS_FILE, metrics or {})
-    for name, writer in (extra_files or {}).items():
-        writer(temporary / name)
-    _replace_directory(temporary, target)
+    with atomic_directory(target) as temporary:
+        paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
+        _test_pause()
+        model.config.save_pretrained(str(temporary))
+        tokenizer.save_pretrained(str(temporary))
+        write_json(temporary / META_FILE, {
+            "format_version": FORMAT_VERSION,
+            "labels": list(labels),
+            "text_unit": config.text_unit,
+            "max_seq_len": config.max_seq_len,
+            "tokenizer_class": type(tokenizer).__name__,
+            "model_class": type(model).__name__,
+            "base_model": config.model,
+        })
+        save_config(config, temporary / TRAIN_CONFIG_FILE)
+        write_json(temporary / METRICS_FILE, metrics or {})
+        for name, writer in (extra_files or {}).items():
+            writer(temporary / name)
     return target
 
 
@@ -115,16 +97,6 @@ class InferenceBundle:
     meta: dict
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is damaged") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} should hold a JSON object; the checkpoint is damaged")
-    return value
-
-
 def read_meta(directory) -> dict:
     """``pipeline.json`` of a checkpoint, after checking the required files are there."""
     directory = Path(directory)
@@ -134,7 +106,7 @@ def read_meta(directory) -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {directory} is missing {missing}; is it a best_model/ directory "
                               f"written by train_dist.py?")
-    meta = _read_json(directory / META_FILE)
+    meta = read_json_object(directory / META_FILE, CheckpointError, _DAMAGED)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {directory} has format version {meta.get('format_version')!r}; "
                               f"this code reads version {FORMAT_VERSION}")
@@ -169,7 +141,7 @@ def load_tokenizer_and_meta(directory) -> tuple[dict, object]:
 
     directory = Path(directory)
     meta = read_meta(directory)
-    saved_labels = _read_json(directory / MODEL_CONFIG_FILE).get("id2label")
+    saved_labels = read_json_object(directory / MODEL_CONFIG_FILE, CheckpointError, _DAMAGED).get("id2label")
     if saved_labels is not None and [saved_labels[str(i)] for i in range(len(saved_labels))] != meta["labels"]:
         raise CheckpointError(f"{directory}: the label list in {META_FILE} and id2label in {MODEL_CONFIG_FILE} differ")
     tokenizer_class = getattr(transformers, meta["tokenizer_class"], None)
@@ -194,7 +166,7 @@ def load_crf_transitions(directory):
     """A checkpoint's CRF transition scores as float32 numpy (None for the linear head), without
     building its model."""
     directory = Path(directory)
-    if _read_json(directory / MODEL_CONFIG_FILE).get("ner_head") != "crf":
+    if read_json_object(directory / MODEL_CONFIG_FILE, CheckpointError, _DAMAGED).get("ner_head") != "crf":
         return None
     state = paddle.load(str(directory / WEIGHTS_FILE))
     if "crf.transitions" not in state:
@@ -266,13 +238,13 @@ def training_state_step(directory) -> int:
     path = Path(directory) / TRAINING_STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"resume: {directory} holds no {TRAINING_STATE_FILE}; it is not a training state")
-    return int(_read_json(path)["step"])
+    return int(read_json_object(path, CheckpointError, _DAMAGED)["step"])
 
 
 def add_metrics(directory, **metrics) -> None:
     """Add entries (e.g. ``test=...``) to a model checkpoint's ``metrics.json``, keeping the others."""
     path = Path(directory) / METRICS_FILE
-    write_json(path, {**_read_json(path), **metrics})
+    write_json(path, {**read_json_object(path, CheckpointError, _DAMAGED), **metrics})
 
 
 def save_training_state(output_dir, model, optimizer, schedule, config: TrainConfig, progress: TrainingProgress,
@@ -282,20 +254,16 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
     ``rng_states`` is every rank's Paddle RNG state in rank order (ranks draw different dropout masks).
     """
     target = training_state_dir(output_dir, progress.step)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
-    _test_pause()
-    paddle.save(portable_optimizer_state(model, optimizer), str(temporary / OPTIMIZER_FILE))
-    # Dropout draws from Paddle's generator: restoring it makes a resumed run repeat the same masks.
-    paddle.save({"paddle_per_rank": list(rng_states)}, str(temporary / RNG_FILE))
-    if scaler_state is not None:
-        paddle.save(scaler_state, str(temporary / SCALER_FILE))
-    write_json(temporary / TRAINING_STATE_FILE, {**progress.to_state(), "schedule": schedule.state_dict()})
-    save_config(config, temporary / TRAIN_CONFIG_FILE)
-    _replace_directory(temporary, target)
+    with atomic_directory(target) as temporary:
+        paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
+        _test_pause()
+        paddle.save(portable_optimizer_state(model, optimizer), str(temporary / OPTIMIZER_FILE))
+        # Dropout draws from Paddle's generator: restoring it makes a resumed run repeat the same masks.
+        paddle.save({"paddle_per_rank": list(rng_states)}, str(temporary / RNG_FILE))
+        if scaler_state is not None:
+            paddle.save(scaler_state, str(temporary / SCALER_FILE))
+        write_json(temporary / TRAINING_STATE_FILE, {**progress.to_state(), "schedule": schedule.state_dict()})
+        save_config(config, temporary / TRAIN_CONFIG_FILE)
     return target
 
 

@@ -19,7 +19,7 @@ import paddle
 from paddle import inference
 
 from .checkpoint import CheckpointError
-from .export import INPUT_NAME, model_files
+from .static_export import INPUT_NAME, model_files
 from .heads import transitions_of
 from .models import token_logits
 

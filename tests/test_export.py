@@ -13,9 +13,10 @@ import pytest
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import TrainConfig
 from pipeline.engines import StaticEngine
-from pipeline.export import EXPORT_META_FILE, export_inference_model, main as export_main, model_files
+from pipeline.export import main as export_main
 from pipeline.labels import MSRA_LABELS
 from pipeline.predictor import Predictor, StaticModelWarning
+from pipeline.static_export import EXPORT_META_FILE, export_inference_model, model_files
 
 from conftest import ROOT
 

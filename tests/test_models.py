@@ -227,12 +227,12 @@ def empty_model_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fake_assets(monkeypatch):
-    """Stand-in for pipeline.assets (another stage); returns a setter for m3e-small's directory."""
-    fake = types.ModuleType("pipeline.assets")
+    """Stand-in for pipeline.asset_cache (another stage); returns a setter for m3e-small's directory."""
+    fake = types.ModuleType("pipeline.asset_cache")
     location = {}
     fake.model_dir = lambda name: location[name]
-    monkeypatch.setitem(sys.modules, "pipeline.assets", fake)
-    monkeypatch.setattr(pipeline, "assets", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "pipeline.asset_cache", fake)
+    monkeypatch.setattr(pipeline, "asset_cache", fake, raising=False)
     return lambda path: location.__setitem__("m3e-small", str(path))
 
 

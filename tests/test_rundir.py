@@ -10,7 +10,8 @@ import time
 import pytest
 
 from pipeline import rundir
-from pipeline.rundir import RunDirError, RunLock, prepare_run_directory, restore_interrupted_replacements
+from pipeline.files import restore_interrupted_replacements
+from pipeline.rundir import RunDirError, RunLock, prepare_run_directory
 
 
 def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
@@ -40,9 +41,20 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
 def test_a_reused_pid_does_not_keep_a_stale_lock_alive(tmp_path):
     # Our own pid, but a different start time: the pid was reused, the owner is gone.
     lock = RunLock(tmp_path)
-    (tmp_path / "run.lock").write_text(json.dumps({**lock.owner, "start_time": "12345"}))
+    (tmp_path / "run.lock").write_text(json.dumps({**lock.owner, "create_time": 12345.0}))
     lock.acquire()
     lock.release()
+
+
+def test_a_live_owner_of_an_older_lock_format_is_not_taken_for_dead(tmp_path):
+    # Locks written before psutil held the start time in clock ticks since boot: it cannot be
+    # compared with a create time, so a live pid keeps the lock.
+    lock = RunLock(tmp_path)
+    older = {key: value for key, value in lock.owner.items() if key != "create_time"}
+    (tmp_path / "run.lock").write_text(json.dumps({**older, "start_time": "12345"}))
+    with pytest.raises(RunDirError, match=rf"in use by another training run: pid {os.getpid()} on host"):
+        RunLock(tmp_path).acquire()
+    assert json.loads((tmp_path / "run.lock").read_text())["start_time"] == "12345"
 
 
 def test_a_lock_from_another_host_is_stale_only_without_heartbeat(tmp_path, monkeypatch):
@@ -96,7 +108,7 @@ def test_logs_of_a_run_that_never_saved_anything_are_cleared_silently(tmp_path):
 
 
 def test_an_interrupted_replacement_is_rolled_back(tmp_path):
-    # Killed between the two renames of checkpoint._replace_directory: only the old copy exists.
+    # Killed between the two renames of files.atomic_directory: only the old copy exists.
     (tmp_path / ".best_model.old-123").mkdir()
     (tmp_path / ".best_model.old-123" / "model.pdparams").write_bytes(b"old")
     (tmp_path / ".best_model.tmp-123").mkdir()  # half of the new copy

@@ -1,0 +1,143 @@
+"""How the pipeline writes and reads files, one helper per mechanism.
+
+Every writer that must never leave a half-written result behind goes through
+here: ``write_json`` for one file, ``atomic_directory`` for a directory. Both
+build under a temporary sibling name and rename into place. A directory that
+already exists is first moved aside (``os.replace`` cannot overwrite a non-empty
+directory), so a process killed between the two renames leaves only the old copy
+under its aside name; ``restore_interrupted_replacements`` puts it back. The
+sibling names are made and parsed only in this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+# A sibling being built is ".NAME.tmp-PID", a replaced directory moved aside ".NAME.old-PID".
+_TEMPORARY = "tmp"
+_ASIDE = "old"
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def _parse_sibling(name: str) -> tuple[str, str] | None:
+    """``(target name, kind)`` of a sibling name made by ``_sibling``, or None for any other name."""
+    # The last marker counts, as a target's own name may hold one (".a.tmp-1.old-2" is a's aside copy).
+    found = max((name.rfind(f".{kind}-"), kind) for kind in (_TEMPORARY, _ASIDE))
+    if not name.startswith(".") or found[0] < 2:
+        return None
+    return name[1:found[0]], found[1]
+
+
+def write_json(path, value) -> None:
+    """Write JSON via a temporary file, fsync and a rename, so readers never see half a file."""
+    path = Path(path)
+    temporary = _sibling(path, _TEMPORARY)
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+        handle.flush()
+        # On the disk before the rename: a crash must not leave the new name holding an empty file.
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_json_object(path, error: type[Exception] = ValueError, what: str = "the file is damaged") -> dict:
+    """A JSON object from ``path``; invalid JSON or another type raises ``error`` ending with ``what``."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(f"{path} is not valid JSON ({problem}); {what}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} should hold a JSON object; {what}")
+    return value
+
+
+def sha256_of(path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(target) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``target`` to fill; on success it replaces ``target``.
+
+    On an exception the temporary directory is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _sibling(target, _TEMPORARY)
+    aside = _sibling(target, _ASIDE)
+    shutil.rmtree(temporary, ignore_errors=True)  # left by a killed process that had this pid
+    # mkdir, not mkdtemp: the final directory gets the usual umask-based mode, not mkdtemp's 0700.
+    temporary.mkdir()
+    try:
+        yield temporary
+        if target.exists():
+            os.replace(target, aside)
+        os.replace(temporary, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_leftovers(target) -> None:
+    """Delete the temporary and moved-aside siblings of ``target`` that killed writers left.
+
+    Only for callers that know no other process is writing ``target`` now (they hold a lock).
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for sibling in list(target.parent.iterdir()):
+        parsed = _parse_sibling(sibling.name)
+        if parsed is not None and parsed[0] == target.name:
+            _remove(sibling)
+
+
+def restore_interrupted_replacements(directory) -> list[Path]:
+    """Put back every directory in ``directory`` whose replacement was killed between its two renames.
+
+    ``atomic_directory`` moves ``X`` to its aside name and then the new copy to ``X``; a kill
+    between the two leaves only the old copy, which is renamed back here. Half-written
+    temporary siblings are deleted. Only for callers that hold a lock on ``directory``.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    restored, temporaries = [], []
+    for sibling in sorted(directory.iterdir()):
+        parsed = _parse_sibling(sibling.name)
+        if parsed is None:
+            continue
+        name, kind = parsed
+        if kind == _TEMPORARY:
+            temporaries.append(sibling)
+            continue
+        target = directory / name
+        if target.exists():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            os.replace(sibling, target)
+            restored.append(target)
+    for temporary in temporaries:
+        _remove(temporary)
+    return restored

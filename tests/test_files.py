@@ -1,0 +1,144 @@
+"""pipeline.files: the atomic directory replace, its recovery after a kill, JSON writing and reading."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.files import (atomic_directory, read_json_object, remove_leftovers, restore_interrupted_replacements,
+                            sha256_of, write_json)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_directory(path: Path, content: bytes) -> Path:
+    path.mkdir(parents=True)
+    (path / "weights").write_bytes(content)
+    return path
+
+
+def test_atomic_directory_replaces_the_target_and_leaves_no_sibling(tmp_path):
+    target = make_directory(tmp_path / "best_model", b"old")
+    (target / "only_in_old").write_text("x")
+    with atomic_directory(target) as temporary:
+        assert temporary.parent == tmp_path and temporary.name == f".best_model.tmp-{os.getpid()}"
+        assert (target / "weights").read_bytes() == b"old"  # untouched while the new copy is built
+        (temporary / "weights").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model"]
+    assert sorted(p.name for p in target.iterdir()) == ["weights"] and (target / "weights").read_bytes() == b"new"
+
+
+def test_atomic_directory_creates_a_new_target_with_the_usual_mode(tmp_path):
+    target = tmp_path / "a" / "b" / "export"
+    with atomic_directory(target) as temporary:
+        (temporary / "f").write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target / "f").read_text() == "x" and target.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_failure_inside_leaves_the_old_target_and_no_temporary(tmp_path):
+    target = make_directory(tmp_path / "best_model", b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target) as temporary:
+            (temporary / "weights").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model"]
+    assert (target / "weights").read_bytes() == b"old"
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys
+from pathlib import Path
+from pipeline import files
+
+target = Path(sys.argv[1])
+real_replace = os.replace
+
+def replace_then_die(source, destination):
+    real_replace(source, destination)
+    if Path(destination).name.startswith(f".{target.name}.old-"):
+        os.kill(os.getpid(), 9)  # the old copy is aside, the new one not yet in place
+
+files.os.replace = replace_then_die
+with files.atomic_directory(target) as temporary:
+    (temporary / "weights").write_bytes(b"new")
+"""
+
+
+def test_a_kill_between_the_two_renames_is_recovered_to_the_old_directory(tmp_path):
+    target = make_directory(tmp_path / "best_model", b"old")
+    killed = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(target)], cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    # What the kill left: no target, the old copy aside, the finished new copy under its temporary name.
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not target.exists() and len(left) == 2, left
+    assert left[0].startswith(".best_model.old-") and left[1].startswith(".best_model.tmp-")
+    assert restore_interrupted_replacements(tmp_path) == [target]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model"]
+    assert (target / "weights").read_bytes() == b"old"
+
+
+def test_recovery_keeps_a_complete_target_and_drops_the_leftovers(tmp_path):
+    make_directory(tmp_path / "best_model", b"new")
+    make_directory(tmp_path / ".best_model.old-7", b"old")
+    (tmp_path / ".metrics.json.tmp-7").write_text("{")  # a half-written write_json
+    (tmp_path / ".hidden").write_text("not ours")
+    assert restore_interrupted_replacements(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "best_model"]
+    assert (tmp_path / "best_model" / "weights").read_bytes() == b"new"
+    assert restore_interrupted_replacements(tmp_path / "missing") == []
+
+
+def test_remove_leftovers_touches_only_the_target_s_siblings(tmp_path):
+    target = make_directory(tmp_path / "msra_ner", b"x")
+    for name in (".msra_ner.tmp-dead", ".msra_ner.old-12", ".m3e-small.tmp-3", ".msra_ner_v2.tmp-4"):
+        (tmp_path / name).mkdir()
+    remove_leftovers(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m3e-small.tmp-3", ".msra_ner_v2.tmp-4", "msra_ner"]
+    remove_leftovers(tmp_path / "nowhere" / "x")  # no parent: nothing to do
+
+
+def test_write_json_is_complete_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_json(path, {"f1": 0.5, "label": "地名"})
+    write_json(path, {"f1": 0.75})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"f1": 0.75}
+    assert path.read_text(encoding="utf-8").endswith("\n") and sorted(tmp_path.iterdir()) == [path]
+
+
+class DamagedError(RuntimeError):
+    pass
+
+
+def test_read_json_object_raises_the_callers_error(tmp_path):
+    path = tmp_path / "pipeline.json"
+    path.write_text('{"labels": ["O"]}')
+    assert read_json_object(path, DamagedError, "the checkpoint is damaged") == {"labels": ["O"]}
+    path.write_text('{"labels": ')
+    with pytest.raises(DamagedError, match=r"pipeline.json is not valid JSON \(.*\); the checkpoint is damaged$"):
+        read_json_object(path, DamagedError, "the checkpoint is damaged")
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(DamagedError, match="is not valid JSON"):
+        read_json_object(path, DamagedError, "the checkpoint is damaged")
+    path.write_text("[1, 2]")
+    with pytest.raises(DamagedError, match=r"pipeline.json should hold a JSON object; the checkpoint is damaged$"):
+        read_json_object(path, DamagedError, "the checkpoint is damaged")
+    with pytest.raises(ValueError, match="should hold a JSON object"):
+        read_json_object(path)
+    with pytest.raises(FileNotFoundError):
+        read_json_object(tmp_path / "absent.json", DamagedError)
+
+
+def test_sha256_of_matches_hashlib(tmp_path):
+    import hashlib
+
+    path = tmp_path / "blob"
+    data = os.urandom((1 << 20) + 17)  # more than one read block
+    path.write_bytes(data)
+    assert sha256_of(path) == hashlib.sha256(data).hexdigest()
