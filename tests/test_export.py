@@ -10,13 +10,12 @@ import warnings
 import paddle
 import pytest
 
+from helpers import ROOT
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import TrainConfig
 from pipeline.export import EXPORT_META_FILE, export_inference_model, main as export_main, model_files
 from pipeline.inference import Predictor, StaticEngine, StaticModelWarning
 from pipeline.labels import MSRA_LABELS
-
-from conftest import ROOT
 
 TEXTS = [
     "张三在北京工作。",

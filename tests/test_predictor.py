@@ -3,27 +3,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import paddle
 import pytest
 
+from helpers import assert_matches_seqeval, per_token_model
 from pipeline.config import TrainConfig
 from pipeline.data import Aligner
 from pipeline.inference import Predictor, TokenLabeller, character_labels, entities_of, split_text
 from pipeline.labels import MSRA_LABELS
-
-
-class PerTokenModel(paddle.nn.Layer):
-    """Logits that depend on the token id alone: windowing must not change any prediction."""
-
-    def __init__(self, vocab_size: int, num_labels: int, seed: int = 0):
-        super().__init__()
-        self.table = paddle.nn.Embedding(vocab_size, num_labels)
-        rng = np.random.default_rng(seed)
-        self.table.weight.set_value(rng.normal(size=(vocab_size, num_labels)).astype("float32"))
-
-    def forward(self, input_ids, token_type_ids=None, **unused):
-        return self.table(input_ids)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +21,7 @@ def tokenizer(tiny_model_dir):
 
 
 def test_windowed_prediction_equals_whole_prediction(tokenizer):
-    model = PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS))
+    model = per_token_model(len(tokenizer.vocab), len(MSRA_LABELS))
     text = "张三在北京工作 2022年访问nasa😀，" * 40  # 800 characters, spaces and emoji included
     whole = TokenLabeller(model, Aligner(tokenizer, 1024), MSRA_LABELS).label([list(text)])[0]
     short = Aligner(tokenizer, 16)
@@ -245,7 +232,6 @@ def test_predict_cli_bad_jsonl_lines_keep_their_place(checkpoint_dir, tmp_path, 
 
 def test_evaluate_cli_reports_what_seqeval_computes_on_its_predictions(checkpoint_dir, tiny_dataset_dir, tmp_path,
                                                                       capsys):
-    from conftest import assert_matches_seqeval
     from pipeline import evaluate
 
     out = tmp_path / "predictions.jsonl"
