@@ -31,10 +31,6 @@ def _doc(text: str, default):
     return field(default=default, metadata={"doc": text})
 
 
-def _doc_factory(text: str, factory):
-    return field(default_factory=factory, metadata={"doc": text})
-
-
 @dataclass
 class TrainConfig:
     """Everything a training run needs; saved with every checkpoint."""
