@@ -1,8 +1,8 @@
 """Prediction throughput on MSRA-NER test: naive PaddleHub-style vs batched dynamic graph vs predict.py's engine.
 
     python -m pipeline.export --checkpoint outputs/msra_quick/best_model       # once: the static model
-    python bench/predict_throughput.py --checkpoint outputs/msra_quick/best_model [--repeats 3] [--json out.json]
-    python bench/predict_throughput.py --checkpoint ... --quick                  # ~200 sentences, for a smoke test
+    python -m bench.predict_throughput --checkpoint outputs/msra_quick/best_model [--repeats 3] [--json out.json]
+    python -m bench.predict_throughput --checkpoint ... --quick                  # ~200 sentences, for a smoke test
 
 Engines, each run in its own subprocess (so peak RSS is per engine), in an
 order rotated every repeat:
@@ -47,12 +47,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import common  # machine line, peak RSS, summaries; imports no Paddle
+from pipeline.cpu_env import THREAD_VARIABLES  # imports no Paddle
 
-import common  # noqa: E402  (bench/common.py: machine line, peak RSS, summaries; imports no Paddle)
-from pipeline.cpu_env import THREAD_VARIABLES  # noqa: E402  (imports no Paddle)
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_TEST_FILE = "~/.cache/nerpipe/data/msra_ner/test.tsv"
 QUICK_SENTENCES = 200
@@ -257,7 +255,8 @@ def child(args) -> int:
 def run_child(args, spec: str, indices_file: str | None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_path = handle.name
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--checkpoint", args.checkpoint,
+    # Run from the repository root (cwd below), where `bench`, `pipeline` and predict.py are importable.
+    command = [sys.executable, "-m", "bench.predict_throughput", "--child", spec, "--checkpoint", args.checkpoint,
                "--test_file", args.test_file, "--result", result_path]
     if indices_file:
         command += ["--indices", indices_file]
