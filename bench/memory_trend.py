@@ -83,6 +83,7 @@ def last_logged_step(train_log: Path) -> int:
 
 
 def job_command(args, out_dir: Path) -> list[str]:
+    """The unmodified training job (launcher or one process) with the run's step, evaluation and save overrides."""
     overrides = [f"max_steps={args.steps}", f"eval_interval={args.eval_interval}",
                  f"save_interval={args.save_interval}", f"max_dev_examples={args.dev_examples}",
                  f"log_interval={args.log_interval}", "do_test=false", "resume='off'", "overwrite=true",
@@ -157,6 +158,7 @@ def summarise(samples: list[dict], steps: int, tolerance: float) -> list[dict]:
 
 
 def report(args, info: dict, summaries: list[dict], seconds: float, code: int) -> str:
+    """The printed report: the machine, the job, then one table row per worker."""
     lines = [f"# memory over {args.steps} training steps, {args.workers} worker(s)",
              f"machine: {common.machine_line(info)}", f"date: {common.now_utc()}",
              f"command: {common.command_line()}",
@@ -175,6 +177,7 @@ def report(args, info: dict, summaries: list[dict], seconds: float, code: int) -
 
 
 def parse_args(argv=None):
+    """The command line; ``--quick`` shrinks every value to check that everything runs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config (default {DEFAULT_CONFIG})")
     parser.add_argument("--workers", type=int, default=2, help="workers under paddle.distributed.launch (2)")
@@ -200,6 +203,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Run the job, sample it, report; exit status 1 when a worker's memory grows, the job's own when it fails."""
     args = parse_args(argv)
     info = common.machine_info()
     out_dir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="nerpipe-memory-"))

@@ -20,6 +20,7 @@ from pipeline.cpu_env import apply_cpu_settings
 
 
 def per_call_ms(function, reps: int) -> float:
+    """Mean milliseconds per call after one warm-up call (allocations and kernel choice excluded)."""
     function()  # warm-up: allocations, kernel selection
     start = time.perf_counter()
     for _ in range(reps):
@@ -28,6 +29,7 @@ def per_call_ms(function, reps: int) -> float:
 
 
 def main(argv=None) -> int:
+    """Time each kernel at the given shapes and print one line per kernel."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=46, help="tokens per sentence (a typical MSRA batch: 46)")

@@ -108,6 +108,7 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 
 def model_dims(checkpoint: str) -> dict:
+    """The encoder's sizes from a checkpoint's config.json, for the FLOP count of the ceiling."""
     config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
     return {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"],
             "heads": config["num_attention_heads"], "intermediate": config["intermediate_size"],
@@ -164,6 +165,7 @@ def child_ceiling(args) -> int:
 
 
 def child(args) -> int:
+    """One engine (or the matmul ceiling) in this process, which the parent started for it alone."""
     if args.child == "ceiling":
         return child_ceiling(args)
     from pipeline.cpu_env import apply_cpu_settings
@@ -279,6 +281,7 @@ def run_child(args, spec: str, indices_file: str | None) -> dict:
 
 
 def parse_args(argv=None):
+    """The command line of the parent and of its children (``--child``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(ROOT / "outputs/msra_quick/best_model"))
     parser.add_argument("--inference_dir", default=None,
@@ -309,6 +312,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """A child's one measurement, or the parent's schedule of children, comparison and report."""
     args = parse_args(argv)
     if args.child:
         return child(args)

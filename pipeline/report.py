@@ -30,6 +30,7 @@ def entity_lines(result: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
+    """Print one report of a finished run; reading JSON only, it needs no Paddle."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)

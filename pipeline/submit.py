@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pvc", help="PersistentVolumeClaim of the shared volume (default JOB_NAME-shared)")
     parser.add_argument("--workdir", help="k8s: the checkout inside the container (default SHARED_DIR/nerpipe)")
     parser.add_argument("--master-port", type=int, default=default["master_port"],
-                        help=f"k8s-kubeflow: container port named 'master' (Kubeflow's default {default['master_port']})")
+                        help=f"k8s-kubeflow: container port named 'master' "
+                             f"(Kubeflow's default {default['master_port']})")
     parser.add_argument("--backoff-limit", type=int, default=default["backoff_limit"],
                         help="k8s-kubeflow: relaunches before failing")
     parser.add_argument("--output", help="write here instead of printing")
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Render the job the flags describe; exit status 2, with one line on stderr, for invalid values."""
     args = build_parser().parse_args(argv)
     try:
         spec = JobSpec(**{f.name: getattr(args, f.name) for f in fields(JobSpec)})

@@ -24,7 +24,7 @@ from helpers import ROOT, make_torch_dir, numpy_state, tiny_bert_config, write_t
 from pipeline import models
 
 LABELS = ["B-PER", "I-PER", "B-LOC", "I-LOC", "O"]
-# The brief's list of PaddleHub token-classification modules: the table must cover exactly these.
+# PaddleHub's token-classification modules (modules/text/language_model/): the table must cover exactly these.
 PADDLEHUB_NAMES = [
     "ernie", "ernie_tiny", "ernie_v2_eng_base", "ernie_v2_eng_large", "bert-base-cased",
     "bert-base-uncased", "bert-large-cased", "bert-large-uncased", "bert-base-multilingual-cased",
