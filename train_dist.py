@@ -3,6 +3,7 @@
     python train_dist.py --config configs/msra_m3e_small_quick.yaml [key=value ...]
     python -m paddle.distributed.launch --nproc_per_node 2 train_dist.py --config ...   # CPU workers
     python -m paddle.distributed.launch --gpus 0,1 train_dist.py --config ... use_gpu=true
+    python train_dist.py --config configs/msra_m3e_small_quick.yaml --get checkpoint_dir   # one resolved value
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=2")
     parser.add_argument("--list-keys", action="store_true", help="print every config key with its meaning")
+    parser.add_argument("--get", metavar="KEY", choices=list(field_docs()),
+                        help="print KEY's value in the resolved config (file + overrides) and exit, without training")
     return parser.parse_args(argv)
 
 
@@ -33,6 +36,9 @@ def main(argv=None) -> int:
         return 0
     try:
         config = load_config(args.config, args.overrides)  # before Paddle loads: bad configs fail in a second
+        if args.get:
+            print(getattr(config, args.get))
+            return 0
         if not config.use_gpu:
             apply_cpu_settings()  # must precede the first `import paddle`; refuses a bad NERPIPE_MALLOC
     except (ConfigError, ValueError) as error:

@@ -57,12 +57,14 @@ def machine_info() -> dict:
 
 
 def machine_line(info: dict) -> str:
+    """One line naming the machine and the versions, for the head of every report."""
     mem = f", {info['memory_gib']} GiB" if info.get("memory_gib") else ""
     return (f"{info['cpu']}, {info['cores']} cores{mem}; python {info['python']}, paddlepaddle {info['paddle']}, "
             f"paddlenlp {info['paddlenlp']}")
 
 
 def now_utc() -> str:
+    """The current time in UTC, so reports from different machines compare."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
@@ -102,6 +104,7 @@ def fmt_mmm(stats: dict | None, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
 
 
 def ratio(a, b) -> float | None:
+    """``a / b``, or None when either side is missing or ``b`` is 0 (a part that did not run)."""
     return a / b if a is not None and b else None
 
 

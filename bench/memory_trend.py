@@ -1,14 +1,14 @@
 """Memory over a long training run: does any worker's resident memory grow with the number of steps?
 
-    python bench/memory_trend.py                          # 2 workers, 800 steps of the main job's config
-    python bench/memory_trend.py --workers 1 --steps 300  # one plain process
-    python bench/memory_trend.py --quick                  # 20 steps, to check that everything runs
+    python -m bench.memory_trend                          # 2 workers, 800 steps of the main job's config
+    python -m bench.memory_trend --workers 1 --steps 300  # one plain process
+    python -m bench.memory_trend --quick                  # 20 steps, to check that everything runs
 
 The real job runs unmodified: ``train_dist.py`` under ``paddle.distributed.launch``
 (or plain, for one worker) with the config plus step, evaluation and saving
 overrides, so evaluations, best-model saves and training-state checkpoints
 happen during the run as they do in a real one. This script samples, from the
-outside, the resident set size (VmRSS) of every worker process every
+outside (with psutil), the resident set size of every worker process every
 ``--interval`` seconds and pairs each sample with the newest step that rank 0
 has logged (train_metrics.jsonl, every ``log_interval`` steps).
 
@@ -17,7 +17,7 @@ least-squares line through the samples of the second half of the run (MiB per
 100 steps). The first half holds the warm-up (allocator pools, the first
 evaluation, the first save); a leak shows as a slope that stays positive after
 it. Verdict: flat when the second half's slope, extrapolated over the whole run,
-adds less than ``--tolerance`` (default 3%) of the median RSS. Linux only (/proc).
+adds less than ``--tolerance`` (default 3%) of the median RSS.
 """
 from __future__ import annotations
 
@@ -32,53 +32,40 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import psutil
 
-import common  # noqa: E402
+from bench import common
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_CONFIG = "configs/msra_m3e_small_quick.yaml"
 TRAIN_LOG = "train_metrics.jsonl"
 
 
 def rss_mib(pid: int) -> float | None:
-    """Current VmRSS of a process in MiB, None once it is gone."""
+    """Current resident set size of a process in MiB, None once it is gone."""
     try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:  # gone, or no longer ours to read
         return None
-    return None
 
 
-def _children(pid: int) -> list[int]:
+def _cmdline(process: psutil.Process) -> str:
     try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="utf-8") as handle:
-            return [int(child) for child in handle.read().split()]
-    except OSError:
-        return []
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
+        return " ".join(process.cmdline())
+    except psutil.Error:
         return ""
 
 
 def training_workers(root_pid: int) -> list[int]:
     """Processes under root_pid (itself included) that run train_dist.py, sorted by pid."""
-    found, stack = [], [root_pid]
-    while stack:
-        pid = stack.pop()
-        if "train_dist.py" in _cmdline(pid) and "paddle.distributed.launch" not in _cmdline(pid):
-            found.append(pid)
-        stack.extend(_children(pid))
-    return sorted(found)
+    try:
+        root = psutil.Process(root_pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:  # the job has just ended
+        return []
+    return sorted(p.pid for p in processes
+                  if "train_dist.py" in _cmdline(p) and "paddle.distributed.launch" not in _cmdline(p))
 
 
 def last_logged_step(train_log: Path) -> int:
@@ -96,6 +83,7 @@ def last_logged_step(train_log: Path) -> int:
 
 
 def job_command(args, out_dir: Path) -> list[str]:
+    """The unmodified training job (launcher or one process) with the run's step, evaluation and save overrides."""
     overrides = [f"max_steps={args.steps}", f"eval_interval={args.eval_interval}",
                  f"save_interval={args.save_interval}", f"max_dev_examples={args.dev_examples}",
                  f"log_interval={args.log_interval}", "do_test=false", "resume='off'", "overwrite=true",
@@ -170,6 +158,7 @@ def summarise(samples: list[dict], steps: int, tolerance: float) -> list[dict]:
 
 
 def report(args, info: dict, summaries: list[dict], seconds: float, code: int) -> str:
+    """The printed report: the machine, the job, then one table row per worker."""
     lines = [f"# memory over {args.steps} training steps, {args.workers} worker(s)",
              f"machine: {common.machine_line(info)}", f"date: {common.now_utc()}",
              f"command: {common.command_line()}",
@@ -188,6 +177,7 @@ def report(args, info: dict, summaries: list[dict], seconds: float, code: int) -
 
 
 def parse_args(argv=None):
+    """The command line; ``--quick`` shrinks every value to check that everything runs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config (default {DEFAULT_CONFIG})")
     parser.add_argument("--workers", type=int, default=2, help="workers under paddle.distributed.launch (2)")
@@ -213,6 +203,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Run the job, sample it, report; exit status 1 when a worker's memory grows, the job's own when it fails."""
     args = parse_args(argv)
     info = common.machine_info()
     out_dir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="nerpipe-memory-"))

@@ -1,6 +1,6 @@
 """Cost of the non-matmul kernels of one m3e-small training step, against one FFN matmul.
 
-    python bench/op_costs.py [--batch 16] [--seq 46] [--reps 30]
+    python -m bench.op_costs [--batch 16] [--seq 46] [--reps 30]
 
 Times forward and forward+backward (paddle.grad with a given output gradient)
 of the element-wise kernels a BERT layer runs at the shapes of one training
@@ -15,14 +15,12 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.cpu_env import apply_cpu_settings  # noqa: E402
+from pipeline.cpu_env import apply_cpu_settings
 
 
 def per_call_ms(function, reps: int) -> float:
+    """Mean milliseconds per call after one warm-up call (allocations and kernel choice excluded)."""
     function()  # warm-up: allocations, kernel selection
     start = time.perf_counter()
     for _ in range(reps):
@@ -31,6 +29,7 @@ def per_call_ms(function, reps: int) -> float:
 
 
 def main(argv=None) -> int:
+    """Time each kernel at the given shapes and print one line per kernel."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=46, help="tokens per sentence (a typical MSRA batch: 46)")

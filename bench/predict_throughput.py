@@ -1,8 +1,8 @@
 """Prediction throughput on MSRA-NER test: naive PaddleHub-style vs batched dynamic graph vs predict.py's engine.
 
     python -m pipeline.export --checkpoint outputs/msra_quick/best_model       # once: the static model
-    python bench/predict_throughput.py --checkpoint outputs/msra_quick/best_model [--repeats 3] [--json out.json]
-    python bench/predict_throughput.py --checkpoint ... --quick                  # ~200 sentences, for a smoke test
+    python -m bench.predict_throughput --checkpoint outputs/msra_quick/best_model [--repeats 3] [--json out.json]
+    python -m bench.predict_throughput --checkpoint ... --quick                  # ~200 sentences, for a smoke test
 
 Engines, each run in its own subprocess (so peak RSS is per engine), in an
 order rotated every repeat:
@@ -47,12 +47,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import common  # machine line, peak RSS, summaries; imports no Paddle
+from pipeline.cpu_env import THREAD_VARIABLES  # imports no Paddle
 
-import common  # noqa: E402  (bench/common.py: machine line, peak RSS, summaries; imports no Paddle)
-from pipeline.cpu_env import THREAD_VARIABLES  # noqa: E402  (imports no Paddle)
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_TEST_FILE = "~/.cache/nerpipe/data/msra_ner/test.tsv"
 QUICK_SENTENCES = 200
@@ -110,6 +108,7 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 
 def model_dims(checkpoint: str) -> dict:
+    """The encoder's sizes from a checkpoint's config.json, for the FLOP count of the ceiling."""
     config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
     return {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"],
             "heads": config["num_attention_heads"], "intermediate": config["intermediate_size"],
@@ -166,6 +165,7 @@ def child_ceiling(args) -> int:
 
 
 def child(args) -> int:
+    """One engine (or the matmul ceiling) in this process, which the parent started for it alone."""
     if args.child == "ceiling":
         return child_ceiling(args)
     from pipeline.cpu_env import apply_cpu_settings
@@ -258,7 +258,8 @@ def child(args) -> int:
 def run_child(args, spec: str, indices_file: str | None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_path = handle.name
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", spec, "--checkpoint", args.checkpoint,
+    # Run from the repository root (cwd below), where `bench`, `pipeline` and predict.py are importable.
+    command = [sys.executable, "-m", "bench.predict_throughput", "--child", spec, "--checkpoint", args.checkpoint,
                "--test_file", args.test_file, "--result", result_path]
     if indices_file:
         command += ["--indices", indices_file]
@@ -281,6 +282,7 @@ def run_child(args, spec: str, indices_file: str | None) -> dict:
 
 
 def parse_args(argv=None):
+    """The command line of the parent and of its children (``--child``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(ROOT / "outputs/msra_quick/best_model"))
     parser.add_argument("--inference_dir", default=None,
@@ -311,6 +313,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """A child's one measurement, or the parent's schedule of children, comparison and report."""
     args = parse_args(argv)
     if args.child:
         return child(args)

@@ -1,8 +1,8 @@
 """Paddle's profiler over training steps of m3e-small: where a step's time goes, per operator.
 
-    python bench/step_profile.py [--batch 16] [--seq 46] [--steps 5]
-    NERPIPE_MALLOC=default python bench/step_profile.py      # without cpu_env's malloc setting
-    python bench/step_profile.py --no-matmul-bias-grad       # Paddle's own Linear bias gradient
+    python -m bench.step_profile [--batch 16] [--seq 46] [--steps 5]
+    NERPIPE_MALLOC=default python -m bench.step_profile      # without cpu_env's malloc setting
+    python -m bench.step_profile --no-matmul-bias-grad       # Paddle's own Linear bias gradient
 
 One process, the same CPU settings as training (pipeline.cpu_env), the offline
 m3e-small token classifier, a random batch of the given shape, the forward
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.cpu_env import apply_cpu_settings  # noqa: E402
+from pipeline.cpu_env import apply_cpu_settings
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 
 
 def main(argv=None) -> int:
+    """Profile ``--steps`` training steps after 3 warm-up steps and print Paddle's per-operator summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=46, help="tokens per sentence (a typical MSRA batch: 46)")

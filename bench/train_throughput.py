@@ -1,8 +1,8 @@
 """Training throughput on CPU: our loop vs PaddleNLP's Trainer, 1 vs 2 workers, and the matmul floor.
 
-    python bench/train_throughput.py                      # full benchmark (defaults below)
-    python bench/train_throughput.py --quick              # tiny values, to check that everything runs
-    python bench/train_throughput.py --repeats 5 --json results.json
+    python -m bench.train_throughput                      # full benchmark (defaults below)
+    python -m bench.train_throughput --quick              # tiny values, to check that everything runs
+    python -m bench.train_throughput --repeats 5 --json results.json
 
 What is compared (same model m3e-small, same first N MSRA-NER training
 sentences, same per-worker batch, same optimiser settings, same thread
@@ -50,11 +50,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import common  # no Paddle import: thread variables come first
 
-import common  # noqa: E402  (no Paddle import: thread variables come first)
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_CONFIG = "configs/msra_m3e_small_quick.yaml"
 QUICK = {"examples": 200, "warmup": 1, "steps": 2, "repeats": 1, "matmul_reps": 2, "allreduce_reps": 2}
@@ -331,7 +329,8 @@ def child_command(args, child: str, out: str, child_dir: str, extra=()) -> list[
 def launch(args, name: str, cmd: list[str], workers: int = 0) -> tuple[float, str]:
     """Run one child (under the distributed launcher when workers > 0); return (wall seconds, log path)."""
     log = Path(args.workdir) / f"{name}.log"
-    env = dict(os.environ)
+    # The launcher runs a child by its file name, so the child finds `bench` and `pipeline` through PYTHONPATH.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if workers:
         env.pop("CUDA_VISIBLE_DEVICES", None)  # CPU workers: the launcher must not look for GPUs
         full = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(workers),

@@ -31,10 +31,6 @@ def _doc(text: str, default):
     return field(default=default, metadata={"doc": text})
 
 
-def _doc_factory(text: str, factory):
-    return field(default_factory=factory, metadata={"doc": text})
-
-
 @dataclass
 class TrainConfig:
     """Everything a training run needs; saved with every checkpoint."""
@@ -82,11 +78,12 @@ class TrainConfig:
     init_loss_scaling: float = _doc("Initial loss scale for fp16.", 32768.0)
     to_static: bool = _doc(
         "Run the training forward through paddle.jit.to_static (SOT: Python bytecode translated into static "
-        "subgraphs, falling back to eager where it cannot). Same results; measured ~10% faster per step on CPU.",
+        "subgraphs, falling back to eager where it cannot). Same results, fewer per-operator Python dispatches "
+        "per step.",
         True)
     matmul_bias_grad: bool = _doc(
-        "On CPU in float32, compute Linear layers' bias gradients as a matmul instead of Paddle's slow row "
-        "reduction (pipeline/linear_grad.py): same outputs, ~15% less time per m3e-small training step.", True)
+        "On CPU in float32, compute Linear layers' bias gradients as a matmul instead of Paddle's row reduction, "
+        "which is slower than the layer's own matmuls (pipeline/linear_grad.py); same outputs.", True)
     max_bad_steps: int = _doc(
         "A step whose loss or gradients are NaN/Inf is skipped (no update) and counted; this many such steps "
         "in a row stop the run with an error naming the step and the last good checkpoint.", 10)

@@ -30,6 +30,7 @@ def attach_crf(model, num_labels: int) -> None:
 
 
 def head_of(model) -> str:
+    """'crf' if a CRF is attached to ``model``, else 'linear'."""
     return "crf" if getattr(model, "crf", None) is not None else "linear"
 
 
@@ -68,6 +69,10 @@ def transitions_of(model) -> np.ndarray | None:
     return model.crf.transitions.numpy().astype("float32") if head_of(model) == "crf" else None
 
 
+# Viterbi is hand-written, not PaddleNLP's ViterbiDecoder: decoding runs on numpy logits after either
+# engine, the static Paddle Inference one included (its exported program ends at the emissions; the
+# transitions come from the checkpoint), and only over each token's first piece, which decode_window
+# picks per window. The same numpy code for both engines is what makes their labels identical.
 def viterbi(emissions: np.ndarray, transitions: np.ndarray) -> np.ndarray:
     """Best label sequence under emission scores ``[T, L]`` and transitions ``[previous, next]``."""
     steps = emissions.shape[0]

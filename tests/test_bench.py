@@ -1,15 +1,17 @@
-"""The benchmarks' own arithmetic (memory-trend verdict, prediction ceiling); op_costs and step_profile run."""
+"""The benchmarks' own arithmetic (memory-trend verdict, prediction ceiling), memory_trend's process
+sampling; op_costs and step_profile run as `python -m bench.X`."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import memory_trend  # noqa: E402
-import predict_throughput  # noqa: E402
+from bench import memory_trend, predict_throughput
+from helpers import ROOT
 
 
 def samples(rss_of_step, steps=800, every=10, workers=1):
@@ -45,14 +47,33 @@ def test_forward_flops_count_every_matmul_of_a_bert_layer():
     assert predict_throughput.forward_flops(dims, n) == projections + ffn + attention + classifier
 
 
+def test_workers_are_found_under_the_launcher_and_their_rss_read():
+    # A stand-in launcher, its command line naming both (as `python -m paddle.distributed.launch ...
+    # train_dist.py` does), with one worker whose command line names train_dist.py.
+    worker = [sys.executable, "-c", "import time; time.sleep(60)", "train_dist.py"]
+    launcher = subprocess.Popen([sys.executable, "-c", f"import subprocess; subprocess.run({worker!r})",
+                                 "paddle.distributed.launch", "train_dist.py"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not memory_trend.training_workers(launcher.pid):
+            assert time.monotonic() < deadline, "the child never showed up"
+            time.sleep(0.05)
+        workers = memory_trend.training_workers(launcher.pid)
+        assert len(workers) == 1 and workers[0] != launcher.pid
+        assert memory_trend.rss_mib(workers[0]) > 1
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    assert memory_trend.training_workers(launcher.pid) == []
+    assert memory_trend.rss_mib(launcher.pid) is None  # gone (and reaped)
+
+
 def test_op_costs_times_every_kernel_including_both_linears():
     import re
-    import subprocess
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "op_costs.py"
-    out = subprocess.run([sys.executable, str(script), "--batch", "2", "--seq", "3", "--hidden", "8",
+    out = subprocess.run([sys.executable, "-m", "bench.op_costs", "--batch", "2", "--seq", "3", "--hidden", "8",
                           "--intermediate", "16", "--heads", "2", "--reps", "1"],
-                         capture_output=True, text=True, check=True).stdout
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
     timed = dict((name, float(ms)) for ms, name in re.findall(r"^\s*([\d.]+) ms  (.+)$", out, re.MULTILINE))
     assert len(timed) == 12 and all(ms >= 0 for ms in timed.values()), out
     assert "Linear (FFN in), forward + backward, Paddle's" in timed
@@ -60,11 +81,10 @@ def test_op_costs_times_every_kernel_including_both_linears():
 
 
 def test_step_profile_prints_the_operators_of_a_training_step(tiny_model_dir, tmp_path):
-    import subprocess
-
-    script = Path(__file__).resolve().parent.parent / "bench" / "step_profile.py"
-    out = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--batch", "2", "--seq", "5",
-                          "--steps", "1"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    # Run outside the checkout (whatever the profiler leaves in the cwd), finding bench through PYTHONPATH.
+    out = subprocess.run([sys.executable, "-m", "bench.step_profile", "--model", str(tiny_model_dir), "--batch", "2",
+                          "--seq", "5", "--steps", "1"], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert "matmul bias gradients in 14 Linear layers" in out  # 2 layers x 6, the pooler, the classifier
     summary = out[out.index("Operator Summary"):]
     assert "Global_MatmulGradNode" in summary or "matmul_grad" in summary, summary[:2000]

@@ -79,8 +79,7 @@ def test_users_own_settings_win():
 
 
 REALLOCATE = """
-import json, resource, sys
-sys.path.insert(0, sys.argv[1])
+import json, resource
 from pipeline.cpu_env import keep_freed_memory
 applied = keep_freed_memory()
 import numpy as np
@@ -93,9 +92,10 @@ print(json.dumps([sorted(applied), resource.getrusage(resource.RUSAGE_SELF).ru_m
 
 def _page_faults_of_second_allocation(malloc_setting: str | None) -> tuple[list, int]:
     env = {k: v for k, v in os.environ.items() if k != MALLOC_VARIABLE}
+    env["PYTHONPATH"] = ROOT
     if malloc_setting is not None:
         env[MALLOC_VARIABLE] = malloc_setting
-    out = subprocess.run([sys.executable, "-c", REALLOCATE, ROOT], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", REALLOCATE], env=env, capture_output=True, text=True,
                          check=True).stdout
     applied, faults = json.loads(out)
     return applied, faults
@@ -114,8 +114,7 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 
 RELEASE = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
+import json
 from pipeline.cpu_env import keep_freed_memory, release_freed_memory
 import numpy as np
 
@@ -134,7 +133,8 @@ print(json.dumps([kept, rss_mib(), released]))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_memory_kept_after_a_peak_goes_back_to_the_kernel_when_released():
-    out = subprocess.run([sys.executable, "-c", RELEASE, ROOT], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", RELEASE], env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                         text=True, check=True).stdout
     kept, after, released = json.loads(out)
     assert released is True
     assert kept - after > 200, (kept, after)  # the freed 256 MiB was held, then returned

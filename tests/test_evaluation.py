@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import assert_matches_seqeval, per_token_model
 from pipeline import dist, evaluation
 from pipeline.alignment import Aligner
 from pipeline.engines import DynamicEngine
@@ -10,8 +11,6 @@ from pipeline.labeller import TokenLabeller
 from pipeline.labels import MSRA_LABELS
 from pipeline.metrics import EntityCounts
 from pipeline.readers import read_examples
-
-from test_predictor import PerTokenModel
 
 
 @pytest.mark.parametrize("count, world", [(0, 2), (1, 2), (7, 2), (24, 2), (10, 3)])
@@ -26,7 +25,7 @@ def test_two_rank_evaluation_sums_to_the_single_process_counts(tiny_model_dir, t
     tokenizer = BertTokenizer.from_pretrained(str(tiny_model_dir))
     examples, _ = read_examples(tiny_dataset_dir / "dev.tsv")
     examples = examples[:23]  # odd, so a padding sampler would have to repeat one
-    labeller = TokenLabeller(DynamicEngine(PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS), seed=3)),
+    labeller = TokenLabeller(DynamicEngine(per_token_model(len(tokenizer.vocab), len(MSRA_LABELS), seed=3)),
                              Aligner(tokenizer, 32), MSRA_LABELS, batch_size=4)
     whole = evaluation.evaluate(labeller, examples, show_progress=False)
 
@@ -45,12 +44,10 @@ def test_two_rank_evaluation_sums_to_the_single_process_counts(tiny_model_dir, t
 def test_kept_predictions_are_the_labellers_and_give_seqeval_the_same_metrics(tiny_model_dir, tiny_dataset_dir):
     from paddlenlp.transformers import BertTokenizer
 
-    from conftest import assert_matches_seqeval
-
     tokenizer = BertTokenizer.from_pretrained(str(tiny_model_dir))
     examples, _ = read_examples(tiny_dataset_dir / "test.tsv")
     # A random per-token model: some entities right, many wrong, so the metrics are far from 0 and 1.
-    labeller = TokenLabeller(DynamicEngine(PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS), seed=5)),
+    labeller = TokenLabeller(DynamicEngine(per_token_model(len(tokenizer.vocab), len(MSRA_LABELS), seed=5)),
                              Aligner(tokenizer, 32), MSRA_LABELS, batch_size=4)
     counts, predictions = evaluation.evaluate(labeller, examples, show_progress=False, keep_predictions=True)
     assert predictions == labeller.label([e.tokens for e in examples])  # in the examples' order

@@ -10,6 +10,7 @@ import warnings
 import paddle
 import pytest
 
+from helpers import ROOT
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import TrainConfig
 from pipeline.engines import StaticEngine
@@ -17,8 +18,6 @@ from pipeline.export import main as export_main
 from pipeline.labels import MSRA_LABELS
 from pipeline.predictor import Predictor, StaticModelWarning
 from pipeline.static_export import EXPORT_META_FILE, export_inference_model, model_files
-
-from conftest import ROOT
 
 TEXTS = [
     "张三在北京工作。",

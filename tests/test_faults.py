@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_launch import ROOT, clean_env, overrides
+from helpers import ROOT, clean_env, overrides
 
 pytestmark = pytest.mark.slow
 LAUNCH = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2"]
@@ -142,7 +142,6 @@ def test_killed_while_replacing_best_model_keeps_the_old_one(tiny_model_dir, tmp
     """save_model_checkpoint killed mid-write over an existing best_model/: the old copy still loads."""
     script = f"""
 import sys
-sys.path.insert(0, {str(ROOT)!r})
 import paddle
 from pipeline.checkpoint import save_model_checkpoint
 from pipeline.config import TrainConfig
@@ -154,10 +153,11 @@ config = TrainConfig(model={str(tiny_model_dir)!r}, max_seq_len=32)
 save_model_checkpoint({str(tmp_path / 'best_model')!r}, model, tokenizer, config, MSRA_LABELS, metrics={{"v": int(sys.argv[1])}})
 print("saved", flush=True)
 """
-    first = subprocess.run([sys.executable, "-c", script, "1"], env=clean_env(), capture_output=True, text=True,
+    env = {**clean_env(), "PYTHONPATH": str(ROOT)}
+    first = subprocess.run([sys.executable, "-c", script, "1"], env=env, capture_output=True, text=True,
                            timeout=120)
     assert first.returncode == 0, first.stderr[-2000:]
-    job = start([sys.executable, "-c", script, "2"], {**clean_env(), "NERPIPE_TEST_SAVE_DELAY": "30"})
+    job = start([sys.executable, "-c", script, "2"], {**env, "NERPIPE_TEST_SAVE_DELAY": "30"})
     try:
         wait_for(lambda: list(tmp_path.glob(".best_model.tmp-*/model.pdparams")), 120, "the new copy's weights", job)
         job.send_signal(signal.SIGKILL)

@@ -6,10 +6,10 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
+from helpers import make_trainer
 from pipeline import linear_grad
 from pipeline.linear_grad import install_matmul_bias_grad
 from pipeline.models import build_token_classifier, resolve_model
-from test_trainer import make_trainer
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 

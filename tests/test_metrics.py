@@ -115,15 +115,6 @@ def test_hand_counted_example():
     assert summary["per_type"]["PER"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
     assert summary["per_type"]["LOC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
 
-    flat = counts.flat_metrics()
-    assert flat["eval/f1"] == summary["f1"]
-    assert flat["eval/PER/f1"] == 1.0
-    assert set(flat) == {"eval/precision", "eval/recall", "eval/f1"} | {
-        f"eval/{t}/{m}" for t in TYPES for m in ("precision", "recall", "f1")
-    }
-    assert all(isinstance(v, float) for v in flat.values())
-    assert set(counts.flat_metrics(prefix="test")) == {k.replace("eval/", "test/", 1) for k in flat}
-
 
 # -- bio_spans is seqeval's strict IOB2 -------------------------------------------
 

@@ -4,11 +4,8 @@ Every model here is a tiny random BERT built in the test; nothing is downloaded.
 """
 from __future__ import annotations
 
-import collections
-import io
 import json
 import os
-import pickle
 import re
 import shutil
 import socket
@@ -16,21 +13,18 @@ import subprocess
 import sys
 import time
 import types
-import zipfile
-from pathlib import Path
 
 import numpy as np
+import paddle
+import paddlenlp.transformers as transformers
 import pytest
 
 import pipeline
+from helpers import ROOT, make_torch_dir, numpy_state, tiny_bert_config, write_tokenizer
 from pipeline import models
 
-paddle = pytest.importorskip("paddle")
-transformers = pytest.importorskip("paddlenlp.transformers")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["B-PER", "I-PER", "B-LOC", "I-LOC", "O"]
-# The brief's list of PaddleHub token-classification modules: the table must cover exactly these.
+# PaddleHub's token-classification modules (modules/text/language_model/): the table must cover exactly these.
 PADDLEHUB_NAMES = [
     "ernie", "ernie_tiny", "ernie_v2_eng_base", "ernie_v2_eng_large", "bert-base-cased",
     "bert-base-uncased", "bert-large-cased", "bert-large-uncased", "bert-base-multilingual-cased",
@@ -38,37 +32,6 @@ PADDLEHUB_NAMES = [
     "roberta-wwm-ext", "roberta-wwm-ext-large", "rbt3", "rbtl3", "electra-small", "electra-base",
     "electra-large", "chinese-electra-base", "chinese-electra-small",
 ]
-# Special tokens, lower-case letters only (like m3e-small's vocabulary), digits, a few Chinese characters.
-VOCAB = (
-    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    + [str(d) for d in range(10)]
-    + list("中国北京上海天津广州深圳人民银行大学")
-    + list("王李张刘陈杨黄赵周吴徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董潘袁蔡蒋余于杜叶程魏苏吕丁任沈姚卢")
-)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _tiny_bert_config(**overrides):
-    settings = dict(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
-    )
-    settings.update(overrides)
-    return transformers.BertConfig(**settings)
-
-
-def _write_tokenizer(directory: Path, do_lower_case: bool) -> None:
-    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    transformers.BertTokenizer(str(directory / "vocab.txt"), do_lower_case=do_lower_case).save_pretrained(
-        str(directory)
-    )
-
-
-def _numpy_state(layer) -> dict[str, np.ndarray]:
-    return {name: tensor.numpy() for name, tensor in layer.state_dict().items()}
 
 
 def _closed_port() -> int:
@@ -76,110 +39,6 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-# PaddleNLP BertModel parameter names -> Hugging Face BertModel names, written out
-# independently of PaddleNLP's own converter so that the round trip tests it.
-_PADDLE_TO_HF = [
-    (r"embeddings\.layer_norm\.", "embeddings.LayerNorm."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.", r"encoder.layer.\1.attention.self.query."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.", r"encoder.layer.\1.attention.self.key."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.v_proj\.", r"encoder.layer.\1.attention.self.value."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"encoder.layer.\1.attention.output.dense."),
-    (r"encoder\.layers\.(\d+)\.norm1\.", r"encoder.layer.\1.attention.output.LayerNorm."),
-    (r"encoder\.layers\.(\d+)\.linear1\.", r"encoder.layer.\1.intermediate.dense."),
-    (r"encoder\.layers\.(\d+)\.linear2\.", r"encoder.layer.\1.output.dense."),
-    (r"encoder\.layers\.(\d+)\.norm2\.", r"encoder.layer.\1.output.LayerNorm."),
-]
-
-
-def _hf_state(paddle_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    hf = {}
-    for name, value in paddle_state.items():
-        hf_name = name
-        for pattern, replacement in _PADDLE_TO_HF:
-            hf_name = re.sub(pattern, replacement, hf_name)
-        # Paddle's Linear stores [in, out]; PyTorch's stores [out, in]. Embeddings are not transposed.
-        is_linear_weight = name.endswith(".weight") and value.ndim == 2 and "embeddings" not in name
-        hf[hf_name] = np.ascontiguousarray(value.T if is_linear_weight else value)
-    return hf
-
-
-class _Global:
-    """A module global written into a pickle by name, without importing it (torch is absent here)."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle's REDUCE requires a callable; never called
-        raise TypeError("a pickling stand-in")
-
-
-class _Storage:
-    def __init__(self, key: str, array: np.ndarray):
-        self.key, self.array = key, array
-
-
-class _Tensor:
-    def __init__(self, storage: _Storage):
-        self.storage = storage
-
-    def __reduce__(self):
-        shape = tuple(self.storage.array.shape)
-        strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))  # C order, in elements
-        return (
-            _Global("torch._utils", "_rebuild_tensor_v2"),
-            (self.storage, 0, shape, strides, False, collections.OrderedDict()),
-        )
-
-
-class _TorchFormatPickler(pickle._Pickler):
-    """Writes the pickle half of PyTorch's zip checkpoint format (storages by persistent id)."""
-
-    def persistent_id(self, obj):
-        if isinstance(obj, _Storage):
-            return ("storage", _Global("torch", "FloatStorage"), obj.key, "cpu", obj.array.size)
-        return None
-
-    def save(self, obj, save_persistent_id=True):
-        if isinstance(obj, _Global):
-            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("ascii"))
-            return
-        super().save(obj, save_persistent_id)
-
-
-def _write_torch_checkpoint(path: Path, state: dict[str, np.ndarray]) -> None:
-    """A pytorch_model.bin in torch.save's zip layout, float32, written without torch."""
-    storages = {
-        name: _Storage(str(index), value.astype(np.float32)) for index, (name, value) in enumerate(state.items())
-    }
-    buffer = io.BytesIO()
-    _TorchFormatPickler(buffer, protocol=2).dump(
-        collections.OrderedDict((name, _Tensor(storage)) for name, storage in storages.items())
-    )
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-        # data.pkl first: PaddleNLP finds the archive prefix from the first entry's name.
-        archive.writestr("archive/data.pkl", buffer.getvalue())
-        for storage in storages.values():
-            archive.writestr(f"archive/data/{storage.key}", storage.array.tobytes())
-        archive.writestr("archive/version", "3\n")
-
-
-def _make_torch_dir(directory: Path, paddle_state: dict[str, np.ndarray], config) -> Path:
-    directory.mkdir(parents=True)
-    hf_config = {
-        "architectures": ["BertModel"], "model_type": "bert", "transformers_version": "4.30.0",
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
-        "intermediate_size": config.intermediate_size, "hidden_act": "gelu",
-        "max_position_embeddings": config.max_position_embeddings, "type_vocab_size": config.type_vocab_size,
-        "layer_norm_eps": 1e-12, "pad_token_id": 0,
-    }
-    (directory / "config.json").write_text(json.dumps(hf_config), encoding="utf-8")
-    _write_torch_checkpoint(directory / "pytorch_model.bin", _hf_state(paddle_state))
-    # m3e-small's tokenizer_config says do_lower_case=false; mimic it.
-    _write_tokenizer(directory, do_lower_case=False)
-    return directory
 
 
 # ---------------------------------------------------------------- fixtures
@@ -190,17 +49,17 @@ def saved_bert(tmp_path_factory):
     """A tiny random BertModel saved in Paddle layout, with a vocab, and its parameters."""
     paddle.seed(7)
     directory = tmp_path_factory.mktemp("tiny_bert_paddle")
-    encoder = transformers.BertModel(_tiny_bert_config())
+    encoder = transformers.BertModel(tiny_bert_config())
     encoder.save_pretrained(str(directory))
-    _write_tokenizer(directory, do_lower_case=True)
-    return directory, _numpy_state(encoder), encoder.config
+    write_tokenizer(directory, do_lower_case=True)
+    return directory, numpy_state(encoder), encoder.config
 
 
 @pytest.fixture
 def torch_bert_dir(saved_bert, tmp_path):
     """The same tiny BERT in Hugging Face PyTorch layout (fresh per test: conversion writes into it)."""
     _, state, config = saved_bert
-    return _make_torch_dir(tmp_path / "tiny_bert_torch", state, config), state
+    return make_torch_dir(tmp_path / "tiny_bert_torch", state, config), state
 
 
 @pytest.fixture
@@ -331,7 +190,7 @@ def test_paddle_dir_builds_a_classifier_on_the_saved_encoder(saved_bert, tmp_pat
 
     model = models.build_token_classifier(spec, LABELS)
 
-    loaded = _numpy_state(model.bert)
+    loaded = numpy_state(model.bert)
     assert loaded.keys() == encoder_state.keys()
     for name, value in encoder_state.items():
         np.testing.assert_array_equal(loaded[name], value, err_msg=name)
@@ -379,7 +238,7 @@ def test_torch_dir_resolves_and_converts_to_the_same_encoder(torch_bert_dir, no_
 
     model = models.build_token_classifier(spec, LABELS)
 
-    loaded = _numpy_state(model.bert)
+    loaded = numpy_state(model.bert)
     for name, value in encoder_state.items():
         np.testing.assert_array_equal(loaded[name], value, err_msg=name)
     assert list(model.classifier.weight.shape) == [32, len(LABELS)]
@@ -388,7 +247,7 @@ def test_torch_dir_resolves_and_converts_to_the_same_encoder(torch_bert_dir, no_
     assert (directory / "model_state.pdparams").is_file()
     spec_again = models.resolve_model(str(directory))
     assert spec_again.source == "torch_dir"
-    reloaded = _numpy_state(models.build_token_classifier(spec_again, LABELS).bert)
+    reloaded = numpy_state(models.build_token_classifier(spec_again, LABELS).bert)
     for name, value in encoder_state.items():
         np.testing.assert_array_equal(reloaded[name], value, err_msg=name)
 
@@ -507,9 +366,9 @@ def test_model_cache_follows_ppnlp_home_in_a_fresh_process(tmp_path):
         "except models.ModelUnavailableError as error:\n"
         "    print('UNAVAILABLE', error)\n"
     )
-    env = dict(os.environ, PPNLP_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PPNLP_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
 
     assert result.returncode == 0, result.stderr[-2000:]

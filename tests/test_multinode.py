@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_launch import ROOT, clean_env, overrides
+from helpers import ROOT, clean_env, overrides
 
 TIMEOUT = 300
 DIGEST = re.compile(r"\[rank (\d+)\] final weights sha256 ([0-9a-f]{64})")

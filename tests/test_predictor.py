@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import paddle
 import pytest
 
+from helpers import assert_matches_seqeval, per_token_model
 from pipeline.config import TrainConfig
 from pipeline.alignment import Aligner
 from pipeline.engines import DynamicEngine
@@ -14,19 +14,6 @@ from pipeline.labeller import TokenLabeller
 from pipeline.labels import MSRA_LABELS
 from pipeline.predictor import Predictor
 from pipeline.text import character_labels, entities_of, split_text
-
-
-class PerTokenModel(paddle.nn.Layer):
-    """Logits that depend on the token id alone: windowing must not change any prediction."""
-
-    def __init__(self, vocab_size: int, num_labels: int, seed: int = 0):
-        super().__init__()
-        self.table = paddle.nn.Embedding(vocab_size, num_labels)
-        rng = np.random.default_rng(seed)
-        self.table.weight.set_value(rng.normal(size=(vocab_size, num_labels)).astype("float32"))
-
-    def forward(self, input_ids, token_type_ids=None, **unused):
-        return self.table(input_ids)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +24,7 @@ def tokenizer(tiny_model_dir):
 
 
 def test_windowed_prediction_equals_whole_prediction(tokenizer):
-    model = PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS))
+    model = per_token_model(len(tokenizer.vocab), len(MSRA_LABELS))
     text = "张三在北京工作 2022年访问nasa😀，" * 40  # 800 characters, spaces and emoji included
     whole = TokenLabeller(DynamicEngine(model), Aligner(tokenizer, 1024), MSRA_LABELS).label([list(text)])[0]
     short = Aligner(tokenizer, 16)
@@ -49,18 +36,16 @@ def test_windowed_prediction_equals_whole_prediction(tokenizer):
 def test_dynamic_engine_runs_every_forward_under_its_autocast_factory(tokenizer):
     import contextlib
 
-    class RecordingModel(PerTokenModel):
-        """Remembers whether the autocast context was open during each forward."""
+    model = per_token_model(len(tokenizer.vocab), len(MSRA_LABELS))
+    # Remember whether the autocast context was open during each forward.
+    model.inside, model.forwards_inside = False, []
+    plain_forward = model.forward
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.inside, self.forwards_inside = False, []
+    def recording_forward(input_ids, token_type_ids=None, **unused):
+        model.forwards_inside.append(model.inside)
+        return plain_forward(input_ids)
 
-        def forward(self, input_ids, token_type_ids=None, **unused):
-            self.forwards_inside.append(self.inside)
-            return super().forward(input_ids)
-
-    model = RecordingModel(len(tokenizer.vocab), len(MSRA_LABELS))
+    model.forward = recording_forward
     entered = []
 
     @contextlib.contextmanager
@@ -85,7 +70,7 @@ def test_dynamic_engine_runs_every_forward_under_its_autocast_factory(tokenizer)
 
 
 def test_labeller_takes_an_engine_not_a_layer(tokenizer):
-    model = PerTokenModel(len(tokenizer.vocab), len(MSRA_LABELS))
+    model = per_token_model(len(tokenizer.vocab), len(MSRA_LABELS))
     with pytest.raises(TypeError, match="DynamicEngine"):
         TokenLabeller(model, Aligner(tokenizer, 16), MSRA_LABELS)
     labeller = TokenLabeller(DynamicEngine(model), Aligner(tokenizer, 16), MSRA_LABELS)
@@ -258,7 +243,7 @@ def test_the_clis_import_their_choices_without_paddle():
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     code = ("import sys; import predict, pipeline.evaluate, pipeline.predictor, pipeline.prediction_io; "
             "print(sorted(name for name in sys.modules if name.split('.')[0] in ('paddle', 'paddlenlp')))")
@@ -327,7 +312,6 @@ def test_predict_cli_bad_jsonl_lines_keep_their_place(checkpoint_dir, tmp_path, 
 
 def test_evaluate_cli_reports_what_seqeval_computes_on_its_predictions(checkpoint_dir, tiny_dataset_dir, tmp_path,
                                                                       capsys):
-    from conftest import assert_matches_seqeval
     from pipeline import evaluate
 
     out = tmp_path / "predictions.jsonl"

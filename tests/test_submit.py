@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.submit import TEMPLATES, JobSpec, SubmitError, main, render
+from pipeline.submit import TEMPLATES, JobSpec, SubmitError, build_parser, main, render
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/msra_m3e_small_quick.yaml"
@@ -146,6 +146,27 @@ def test_cli_reports_errors_in_one_line():
     result = subprocess.run([sys.executable, "-m", "pipeline.submit", "--target", "slurm", "--nodes", "0",
                              "--config", CONFIG], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip() == "error: --nodes must be >= 1, got 0"
+
+
+@pytest.mark.parametrize("target", list(TEMPLATES))
+def test_the_overrides_a_job_adds_are_config_keys(target):
+    """What submit adds (checkpoint_dir on the shared storage, use_gpu on k8s) is read by pipeline.config."""
+    from pipeline.config import load_config
+
+    job = spec(target, gpus=2)
+    config = load_config(str(ROOT / CONFIG), job.all_overrides())
+    assert config.checkpoint_dir == f"{SHARED}/checkpoints/ner-test" and config.epochs == 2
+    assert config.use_gpu is (target in ("k8s-paddle", "k8s-kubeflow"))
+
+
+def test_cli_defaults_are_the_job_spec_defaults():
+    from dataclasses import MISSING, fields
+
+    parsed = build_parser().parse_args(["--target", "slurm", "--nodes", "1", "--config", CONFIG])
+    with_defaults = [field for field in fields(JobSpec) if field.default is not MISSING]
+    assert {field.name for field in with_defaults} >= {"job_name", "master_port", "backoff_limit"}
+    for field in with_defaults:
+        assert getattr(parsed, field.name) == field.default, field.name
 
 
 # Literal IPv4 addresses, localhost, hostnames with a domain, and pinned device lists.

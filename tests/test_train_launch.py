@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import ROOT, assert_test_metrics_match_seqeval, clean_env, overrides
 from pipeline.readers import read_examples
 from pipeline.labels import bio_spans
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
-
-
-def clean_env() -> dict:
-    env = dict(os.environ)
-    # Any CUDA_VISIBLE_DEVICES, even empty, makes the launcher assume GPUs.
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLAGS_paddle_num_threads"):
-        env.pop(name, None)  # let the entry point choose per worker, as it does for users
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def overrides(model_dir, data_dir, out_dir, **extra) -> list[str]:
-    values = dict(model=str(model_dir), dataset=str(data_dir), checkpoint_dir=str(out_dir), max_seq_len=32,
-                  batch_size=8, eval_batch_size=8, max_steps=4, eval_interval=2, log_interval=1,
-                  learning_rate=1e-3, warmup_ratio=0.0, use_vdl=True)
-    values.update(extra)
-    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
 
 
 def gold_entity_count(path: Path) -> int:
@@ -68,18 +49,6 @@ def assert_complete_run(out_dir: Path, data_dir: Path, evaluations: int):
     state = paddle.load(str(best / "model.pdparams"))
     assert any(name.endswith("classifier.weight") for name in state)
     return metrics
-
-
-def assert_test_metrics_match_seqeval(out_dir: Path, test_file: Path):
-    """The saved test predictions, gathered from every rank, give seqeval the metrics we reported."""
-    from conftest import assert_matches_seqeval
-
-    records = [json.loads(line) for line in (out_dir / "test_predictions.jsonl").read_text().splitlines()]
-    examples, _ = read_examples(test_file)
-    assert [r["tokens"] for r in records] == [e.tokens for e in examples]  # every sentence, in file order
-    assert [r["gold"] for r in records] == [e.labels for e in examples]
-    reported = json.loads((out_dir / "test_metrics.json").read_text())["test"]
-    assert_matches_seqeval(reported, [r["gold"] for r in records], [r["predicted"] for r in records])
 
 
 @pytest.mark.slow

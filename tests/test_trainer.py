@@ -8,22 +8,9 @@ import numpy as np
 import paddle
 import pytest
 
+from helpers import assert_test_metrics_match_seqeval, make_trainer
 from pipeline.config import TrainConfig
-from pipeline.splits import load_splits
-from pipeline.models import build_token_classifier, build_tokenizer, resolve_model
 from pipeline.trainer import Trainer
-
-
-def make_trainer(model_dir, data_dir, out_dir, **overrides) -> Trainer:
-    values = dict(model=str(model_dir), dataset=str(data_dir), checkpoint_dir=str(out_dir), max_seq_len=32,
-                  batch_size=8, eval_batch_size=16, log_interval=1, learning_rate=3e-3, warmup_ratio=0.0,
-                  use_vdl=False, seed=11)
-    values.update(overrides)
-    config = TrainConfig(**values)
-    splits = load_splits(config)
-    spec = resolve_model(config.model)
-    paddle.seed(config.seed)
-    return Trainer(config, build_token_classifier(spec, splits.labels), build_tokenizer(spec), splits)
 
 
 @pytest.mark.slow
@@ -35,8 +22,6 @@ def test_training_learns_the_synthetic_task(tiny_model_dir, tiny_dataset_dir, tm
     saved = json.loads((tmp_path / "out" / "best_model" / "metrics.json").read_text())
     assert saved["dev"]["f1"] == result.best_dev["f1"] and saved["test"] == result.test
     # A model that finds entities: the reported test P/R/F1 equal seqeval's on the saved predictions.
-    from test_train_launch import assert_test_metrics_match_seqeval
-
     assert 0 < result.test["precision"] < 1 or 0 < result.test["recall"] < 1 or result.test["f1"] == 1
     assert_test_metrics_match_seqeval(tmp_path / "out", tiny_dataset_dir / "test.tsv")
 
