@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from pipeline.rundir import claim_checkpoint_dir
     from pipeline.runtime import set_device, set_seed, setup_logging
     from pipeline.splits import load_splits
-    from pipeline.trainer import NumericalError, Trainer
+    from pipeline.trainer import BEST_MODEL_DIR, NumericalError, Trainer
 
     lock = None
     try:
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         print(json.dumps({"global_step": result.global_step, "best_dev": result.best_dev and {
             k: result.best_dev[k] for k in ("precision", "recall", "f1")},
             "test": result.test and {k: result.test[k] for k in ("precision", "recall", "f1")},
-            "best_model": f"{config.checkpoint_dir}/best_model"}))
+            "best_model": f"{config.checkpoint_dir}/{BEST_MODEL_DIR}"}))
     dist.shutdown()
     return 0
 

@@ -10,7 +10,6 @@ crash mid-write never leaves a directory that looks complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -306,7 +305,7 @@ def load_training_state(directory, model, optimizer, schedule, rank: int = 0, wo
         raise CheckpointError(f"training state {directory} is missing {missing}")
     load_weights(model, directory / WEIGHTS_FILE)
     load_portable_optimizer_state(model, optimizer, paddle.load(str(directory / OPTIMIZER_FILE)))
-    state = json.loads((directory / TRAINING_STATE_FILE).read_text(encoding="utf-8"))
+    state = read_json_object(directory / TRAINING_STATE_FILE, CheckpointError, _DAMAGED)
     schedule.set_state_dict(state.pop("schedule"))
     rng = paddle.load(str(directory / RNG_FILE))
     per_rank = rng["paddle_per_rank"] if "paddle_per_rank" in rng else [rng["paddle"]]  # states before per-rank RNG

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .predictor import INFERENCE_DIR_NAME
 from .static_export import EXPORT_META_FILE, export_inference_model, model_files
 
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     apply_cpu_settings()  # before Paddle is imported
     from .checkpoint import CheckpointError
 
-    output = Path(args.output) if args.output else Path(args.checkpoint) / "inference"
+    output = Path(args.output) if args.output else Path(args.checkpoint) / INFERENCE_DIR_NAME
     try:
         written = export_inference_model(args.checkpoint, output)
     except CheckpointError as error:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.submit import TEMPLATES, JobSpec, SubmitError, build_parser, main, render
+from pipeline.jobs import TEMPLATES, JobSpec, SubmitError, render
+from pipeline.submit import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/msra_m3e_small_quick.yaml"
