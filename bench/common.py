@@ -13,7 +13,10 @@ import statistics
 import sys
 from importlib import metadata
 
-from pipeline.cpu_env import THREAD_VARIABLES, cpuinfo_field, usable_cores  # no Paddle import there either
+import psutil
+
+from pipeline.cpu_env import (THREAD_VARIABLES, cpu_flags, cpuinfo_field, instruction_set,  # no Paddle there either
+                              usable_cores)
 
 
 def thread_settings() -> dict:
@@ -36,17 +39,11 @@ def package_version(name: str) -> str:
 
 def machine_info() -> dict:
     """CPU, cores, memory and the versions that matter for a training benchmark."""
-    memory_gib = None
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    memory_gib = int(line.split()[1]) / 2**20
-                    break
-    except OSError:
-        pass
+    memory_gib = psutil.virtual_memory().total / 2**30
     return {
         "cpu": cpu_model(),
+        # Detected at run time: machines of one kind differ, and MKL's path (pipeline.cpu_env) follows it.
+        "instruction_set": instruction_set(cpu_flags()),
         "cores": usable_cores(),
         "memory_gib": round(memory_gib, 1) if memory_gib else None,
         "python": platform.python_version(),
@@ -59,7 +56,8 @@ def machine_info() -> dict:
 def machine_line(info: dict) -> str:
     """One line naming the machine and the versions, for the head of every report."""
     mem = f", {info['memory_gib']} GiB" if info.get("memory_gib") else ""
-    return (f"{info['cpu']}, {info['cores']} cores{mem}; python {info['python']}, paddlepaddle {info['paddle']}, "
+    isa = f" ({info['instruction_set']})" if info.get("instruction_set") else ""
+    return (f"{info['cpu']}{isa}, {info['cores']} cores{mem}; python {info['python']}, paddlepaddle {info['paddle']}, "
             f"paddlenlp {info['paddlenlp']}")
 
 

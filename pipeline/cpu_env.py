@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FLAGS_paddle_num_threads")
 MALLOC_VARIABLE = "NERPIPE_MALLOC"  # "default": leave glibc's malloc as it is
@@ -48,11 +49,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(cpuinfo_field("flags").split())
 
 
-# MKL_DEBUG_CPU_TYPE values understood by the MKL that Paddle's CPU build ships: 5 is its AVX2 code
-# path, 6 its AVX-512 one. MKL's AVX-512 kernels need all of these (the Skylake-server set); a
-# processor that lacks one of them must not be sent there.
+# MKL_DEBUG_CPU_TYPE=5 is the AVX2 code path of the MKL that Paddle's CPU build ships. Its
+# AVX-512 value (6) is not usable off Intel: it selects code that uses AVX-512ER, which only Xeon Phi
+# had, so its vector math (vsDiv, behind every float32 division) dies with SIGILL on an AMD
+# processor with AVX-512 (seen: vrcp28ps in mkl_vml_kernel_sDiv), while its matrix products run.
 MKL_AVX2_PATH = "5"
-MKL_AVX512_PATH = "6"
 AVX512_FLAGS = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
 AVX2_FLAGS = ("avx2", "fma")
 
@@ -60,15 +61,11 @@ AVX2_FLAGS = ("avx2", "fma")
 def mkl_cpu_type(vendor: str, flags) -> str | None:
     """MKL's code path for this processor, or None to leave MKL's own choice.
 
-    On Intel, MKL already picks its best path. On AMD it would take a generic one: AVX-512 where
-    the processor has it (twice the float32 matmul rate of the AVX2 path on such a machine, see
-    BENCHMARKS.md), else AVX2 with FMA, else nothing forced.
+    On Intel, MKL already picks its best path. On AMD it would take a generic one: the AVX2 path
+    where the processor has AVX2 and FMA, AVX-512 processors included (MKL's AVX-512 path is not
+    safe there, see MKL_AVX2_PATH); nothing forced on older processors.
     """
-    if vendor != "AuthenticAMD":
-        return None
-    if all(flag in flags for flag in AVX512_FLAGS):
-        return MKL_AVX512_PATH
-    if all(flag in flags for flag in AVX2_FLAGS):
+    if vendor == "AuthenticAMD" and all(flag in flags for flag in AVX2_FLAGS):
         return MKL_AVX2_PATH
     return None
 
@@ -105,6 +102,11 @@ def cpu_thread_settings(environ=os.environ, cpu_count: int | None = None, vendor
 
 def apply_cpu_thread_settings(environ=os.environ) -> dict:
     """Set the thread variables the user has not set; return what was applied."""
+    if environ.get("MKL_DEBUG_CPU_TYPE", "").strip() == "6" and _cpu_vendor() == "AuthenticAMD":
+        # The user's setting wins, but it is known to crash later, so say so before any work starts.
+        print("warning: MKL_DEBUG_CPU_TYPE=6 selects MKL's AVX-512 path, whose vector math uses Xeon Phi "
+              "instructions: on this AMD processor the first float32 division may die with 'Illegal "
+              "instruction'. Unset it to get the AVX2 path (5).", file=sys.stderr)
     applied = {}
     for name, value in cpu_thread_settings(environ).items():
         if name not in environ:  # the user's own setting always wins

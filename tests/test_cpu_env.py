@@ -29,14 +29,13 @@ AVX512 = AVX2_ONLY | frozenset("avx512f avx512dq avx512ifma avx512cd avx512bw av
 
 
 @pytest.mark.parametrize("vendor, flags, expected", [
-    ("AuthenticAMD", AVX512, "6"),  # MKL's AVX-512 path
+    ("AuthenticAMD", AVX512, "5"),  # MKL's AVX-512 path (6) dies with SIGILL off Intel: AVX2 there too
     ("AuthenticAMD", AVX2_ONLY, "5"),  # its AVX2 path
-    ("AuthenticAMD", AVX2_ONLY | {"avx512f"}, "5"),  # AVX-512 foundation alone is not what MKL's kernels need
     ("AuthenticAMD", frozenset({"sse2", "avx"}), None),  # no AVX2: MKL's own choice
     ("GenuineIntel", AVX512, None),  # Intel: MKL picks its best path itself
     ("", frozenset(), None),  # no /proc/cpuinfo
 ])
-def test_mkl_path_follows_the_detected_instruction_set(vendor, flags, expected):
+def test_mkl_path_follows_the_detected_processor(vendor, flags, expected):
     from pipeline.cpu_env import mkl_cpu_type
 
     assert mkl_cpu_type(vendor, flags) == expected
@@ -50,10 +49,22 @@ def test_the_users_mkl_path_wins_over_the_detected_one(monkeypatch):
     monkeypatch.setattr(cpu_env, "_cpu_vendor", lambda: "AuthenticAMD")
     monkeypatch.setattr(cpu_env, "cpu_flags", lambda: AVX512)
     detected = {}
-    assert apply_cpu_thread_settings(detected)["MKL_DEBUG_CPU_TYPE"] == "6"
-    environ = {"MKL_DEBUG_CPU_TYPE": "5"}
+    assert apply_cpu_thread_settings(detected)["MKL_DEBUG_CPU_TYPE"] == "5"
+    environ = {"MKL_DEBUG_CPU_TYPE": "7"}
     assert "MKL_DEBUG_CPU_TYPE" not in apply_cpu_thread_settings(environ)
-    assert environ["MKL_DEBUG_CPU_TYPE"] == "5"
+    assert environ["MKL_DEBUG_CPU_TYPE"] == "7"
+
+
+def test_the_avx512_path_is_left_to_the_user_with_a_warning_on_amd(monkeypatch, capsys):
+    import pipeline.cpu_env as cpu_env
+
+    monkeypatch.setattr(cpu_env, "_cpu_vendor", lambda: "AuthenticAMD")
+    environ = {"MKL_DEBUG_CPU_TYPE": "6"}
+    apply_cpu_thread_settings(environ)
+    assert environ["MKL_DEBUG_CPU_TYPE"] == "6"
+    assert "Illegal instruction" in capsys.readouterr().err
+    apply_cpu_thread_settings({})
+    assert capsys.readouterr().err == ""
 
 
 def test_this_machines_flags_are_read():
