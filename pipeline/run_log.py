@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dist
+from .metrics import SCORE_KEYS
 
 # The training loop's lines keep one logger name, whichever module writes them.
 logger = logging.getLogger("pipeline.trainer")
@@ -113,7 +114,7 @@ class RunLog:
             return
         logger.info("step %d dev: precision %.4f recall %.4f f1 %.4f", record["step"], record["precision"],
                     record["recall"], record["f1"])
-        self.scalars({f"eval/{k}": record[k] for k in ("precision", "recall", "f1")}, record["step"])
+        self.scalars({f"eval/{k}": record[k] for k in SCORE_KEYS}, record["step"])
         self._append(DEV_HISTORY_FILE, record)
 
     def truncate(self, history: list, step: int):
