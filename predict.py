@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cpu_env import apply_cpu_settings
-from pipeline.prediction_io import CHUNK_LINES, INPUT_FORMATS, STDIO, predict_file
+from pipeline.prediction_io import CHUNK_LINES, INPUT_FORMATS, STDIO, output_problem, predict_file
 from pipeline.predictor import ENGINES, Predictor
 
 
@@ -75,6 +75,10 @@ def main(argv=None) -> int:
 
     if args.input != STDIO and not Path(args.input).is_file():
         print(f"error: input file {args.input} does not exist", file=sys.stderr)
+        return 2
+    problem = output_problem(args.input, args.output)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     options = dict(directory=args.checkpoint, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                    use_gpu=args.use_gpu, engine=args.engine, inference_dir=args.inference_dir)

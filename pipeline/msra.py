@@ -6,12 +6,12 @@ is checked by sha256 before it is converted.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import zipfile
 from pathlib import Path
 
 from .asset_cache import BUILDER_VERSION, AssetError, Wheel, build_atomically
+from .files import write_json
 from .labels import MSRA_LABELS, to_bio
 from .readers import TSV_SEPARATOR, write_tsv
 
@@ -128,7 +128,7 @@ def build_msra(wheel_path: Path, target: Path) -> dict:
     def build(directory: Path):
         for split, items in splits.items():
             write_tsv(directory / f"{split}.tsv", [(c, t) for c, t, _ in items])
-        (directory / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(directory / "meta.json", meta)
 
     build_atomically(target, meta["build"], build)
     return meta

@@ -10,8 +10,10 @@ written a chunk at a time, so memory stays flat for any input size.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 INPUT_FORMATS = ("auto", "text", "jsonl")
@@ -25,6 +27,24 @@ def resolve_input_format(input_format: str, path: str) -> str:
     if input_format == "auto":
         return "jsonl" if path.endswith(".jsonl") else "text"
     return input_format
+
+
+def output_problem(input_path: str, output_path: str, flag: str = "--output") -> str | None:
+    """Why ``output_path`` cannot be written for ``input_path``, or None; checked before the model loads.
+
+    Opening the output for writing truncates it, so an output that is the input (by name, link or
+    hard link) would destroy the user's data before a line of it was read.
+    """
+    if output_path == STDIO:
+        return None
+    output = Path(output_path)
+    if output.is_dir():
+        return f"{flag} {output_path} is a directory; give a file path"
+    if not output.parent.is_dir():
+        return f"{flag} {output_path}: the directory {output.parent} does not exist"
+    if input_path != STDIO and output.exists() and Path(input_path).exists() and os.path.samefile(input_path, output):
+        return f"{flag} {output_path} is the input file {input_path}: writing it would destroy the input"
+    return None
 
 
 def read_texts(lines, input_format: str, source: str):

@@ -14,11 +14,14 @@ import json
 import sys
 from pathlib import Path
 
+from .files import read_json_object
+from .metrics import SCORE_KEYS
+
 
 def metrics_line(metrics: dict, split: str = "test") -> str:
     """One line: ``{"precision": .., "recall": .., "f1": ..}`` then ``{TYPE: f1}``, rounded to 4 digits."""
     scores = metrics[split]
-    overall = json.dumps({key: round(scores[key], 4) for key in ("precision", "recall", "f1")})
+    overall = json.dumps({key: round(scores[key], 4) for key in SCORE_KEYS})
     per_type = {entity_type: round(values["f1"], 4) for entity_type, values in scores["per_type"].items()}
     return f"{overall} {per_type}"
 
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     path = Path(args.file)
     if args.command == "metrics":
-        print(metrics_line(json.loads(path.read_text(encoding="utf-8"))))
+        print(metrics_line(read_json_object(path)))
     else:
         with path.open(encoding="utf-8") as lines:
             for line in lines:

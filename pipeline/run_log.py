@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dist
+from .metrics import SCORE_KEYS
 
 # The training loop's lines keep one logger name, whichever module writes them.
 logger = logging.getLogger("pipeline.trainer")
@@ -113,7 +114,7 @@ class RunLog:
             return
         logger.info("step %d dev: precision %.4f recall %.4f f1 %.4f", record["step"], record["precision"],
                     record["recall"], record["f1"])
-        self.scalars({f"eval/{k}": record[k] for k in ("precision", "recall", "f1")}, record["step"])
+        self.scalars({f"eval/{k}": record[k] for k in SCORE_KEYS}, record["step"])
         self._append(DEV_HISTORY_FILE, record)
 
     def truncate(self, history: list, step: int):
@@ -123,10 +124,22 @@ class RunLog:
         lines = [json.dumps(record) + "\n" for record in history]
         (self.output_dir / DEV_HISTORY_FILE).write_text("".join(lines), encoding="utf-8")
         train_log = self.output_dir / TRAIN_HISTORY_FILE
-        if train_log.is_file():
-            kept = [line for line in train_log.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= step]
-            train_log.write_text("".join(kept), encoding="utf-8")
+        if not train_log.is_file():
+            return
+        kept, unreadable = [], []
+        for number, line in enumerate(train_log.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                # A line cut short when the interrupted run died mid-append (disk full, kill): it holds
+                # nothing a resumed run needs, and it must not stop the resume.
+                unreadable.append(number)
+                continue
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(line + "\n")
+        if unreadable:
+            logger.warning("%s: dropped unreadable line(s) %s left by the interrupted run", train_log, unreadable)
+        train_log.write_text("".join(kept), encoding="utf-8")
 
     def close(self):
         """Flush and close VisualDL's writer."""

@@ -34,6 +34,7 @@ from .heads import token_loss
 from .labeller import TokenLabeller
 from .linear_grad import install_matmul_bias_grad
 from .loader import build_train_loader
+from .metrics import SCORE_KEYS
 from .models import token_logits
 from .optim import build_optimizer, clip_grads_, global_grad_norm
 from .run_log import RunLog, StepStats
@@ -327,7 +328,7 @@ class Trainer:
                        {"step": best_step(progress.history, progress.best_metric, self.config.compare_metrics),
                         "test": summary})
             add_metrics(self.best_dir, test=summary)
-            self.run_log.scalars({f"test/{k}": summary[k] for k in ("precision", "recall", "f1")}, progress.step)
+            self.run_log.scalars({f"test/{k}": summary[k] for k in SCORE_KEYS}, progress.step)
         dist.barrier()
         return summary
 

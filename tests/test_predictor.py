@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import paddle
 import pytest
@@ -219,6 +220,25 @@ def test_predict_cli_errors(checkpoint_dir, tmp_path, monkeypatch, capsys):
     assert "absent.txt does not exist" in capsys.readouterr().err
 
 
+def test_predict_cli_refuses_an_output_that_would_destroy_the_input_or_cannot_be_written(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """Checked before the checkpoint is even read: the bogus checkpoint below is never reached."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("李四去上海\n", encoding="utf-8")
+    (tmp_path / "link.txt").symlink_to(texts)
+    os.link(texts, tmp_path / "hard.txt")
+    (tmp_path / "out").mkdir()
+    cases = {str(texts): "would destroy the input", str(tmp_path / "link.txt"): "would destroy the input",
+             str(tmp_path / "hard.txt"): "would destroy the input", str(tmp_path / "out"): "is a directory",
+             str(tmp_path / "missing" / "out.jsonl"): "does not exist"}
+    for output, reason in cases.items():
+        code = run_predict_cli(["--checkpoint", str(tmp_path / "no-checkpoint"), "--input", str(texts),
+                                "--output", output], monkeypatch)
+        error = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(error) == 1 and reason in error[0] and "Traceback" not in error[0], (output, error)
+        assert texts.read_text(encoding="utf-8") == "李四去上海\n"  # the input is untouched
+
+
 def test_cli_choices_are_the_owning_modules_lists():
     import predict
     from pipeline import evaluate
@@ -327,6 +347,21 @@ def test_evaluate_cli_reports_what_seqeval_computes_on_its_predictions(checkpoin
     bad.write_text("张\tB-MISC\n", encoding="utf-8")
     assert evaluate.main(["--checkpoint", str(checkpoint_dir), "--file", str(bad)]) == 2
     assert "B-MISC" in capsys.readouterr().err
+
+
+def test_evaluate_cli_never_writes_predictions_over_the_labelled_file(tiny_dataset_dir, tmp_path, capsys):
+    from pipeline import evaluate
+
+    labelled = tmp_path / "test.tsv"
+    labelled.write_bytes((tiny_dataset_dir / "test.tsv").read_bytes())
+    before = labelled.read_bytes()
+    for target, reason in ((labelled, "would destroy the input"), (tmp_path, "is a directory")):
+        # The checkpoint does not exist: the output check comes first.
+        code = evaluate.main(["--checkpoint", str(tmp_path / "none"), "--file", str(labelled), "--predictions",
+                              str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and "--predictions" in err and reason in err, err
+    assert labelled.read_bytes() == before
 
 
 # --- several prediction processes (pipeline/predict_workers.py, predict.py --workers) ---
