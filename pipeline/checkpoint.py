@@ -146,6 +146,12 @@ def load_tokenizer_and_meta(directory) -> tuple[dict, object]:
     tokenizer_class = getattr(transformers, meta["tokenizer_class"], None)
     if tokenizer_class is None:
         raise CheckpointError(f"{directory}: unknown tokenizer class {meta['tokenizer_class']!r}")
+    # Checked here: PaddleNLP would otherwise fail with "missing 'vocab_file'", naming no file.
+    missing = sorted(name for name in getattr(tokenizer_class, "resource_files_names", {}).values()
+                     if not (directory / name).is_file())
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is missing the tokenizer file(s) {missing} that "
+                              f"{meta['tokenizer_class']} needs; copy them from the model it was trained from")
     return meta, tokenizer_class.from_pretrained(str(directory))
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .asset_cache import data_dir, is_complete
-from .labels import MSRA_LABELS
+from .labels import MSRA_LABELS, OUTSIDE
 from .msra import MSRA_NAME
 from .readers import EXTENSION_FORMATS, DataError, Example, check_labels, label_list_from, read_examples
 
@@ -91,5 +91,11 @@ def load_splits(config) -> DataSplits:
     for split in SPLIT_NAMES:
         if splits[split] is not None:
             check_labels(splits[split], labels)
+    if not any(label != OUTSIDE for example in splits["dev"] for label in example.labels):
+        # Every evaluation then scores 0.0: best_model/ stays at the first one and early stopping fires.
+        logger.warning("dev (%s) holds no entity: precision, recall and F1 are 0.0 at every evaluation, so the "
+                       "dev set cannot select a model (best_model/ keeps the first evaluation's weights and "
+                       "early stopping counts every later one as no gain); use a dev file with entities",
+                       files["dev"])
     return DataSplits(splits["train"], splits["dev"], splits["test"], labels,
                       {k: str(v) if v else None for k, v in files.items()}, stats)

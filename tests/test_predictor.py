@@ -8,6 +8,7 @@ import paddle
 import pytest
 
 from helpers import assert_matches_seqeval, per_token_model
+from pipeline.checkpoint import CheckpointError
 from pipeline.config import TrainConfig
 from pipeline.alignment import Aligner
 from pipeline.engines import DynamicEngine
@@ -237,6 +238,22 @@ def test_predict_cli_refuses_an_output_that_would_destroy_the_input_or_cannot_be
         error = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(error) == 1 and reason in error[0] and "Traceback" not in error[0], (output, error)
         assert texts.read_text(encoding="utf-8") == "李四去上海\n"  # the input is untouched
+
+
+def test_a_checkpoint_without_its_vocabulary_is_refused_naming_the_file(checkpoint_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    import shutil
+
+    damaged = tmp_path / "best_model"
+    shutil.copytree(checkpoint_dir, damaged)
+    (damaged / "vocab.txt").unlink()
+    with pytest.raises(CheckpointError, match=r"missing the tokenizer file\(s\) \['vocab.txt'\]"):
+        Predictor.from_checkpoint(damaged)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("李四去上海\n", encoding="utf-8")
+    assert run_predict_cli(["--checkpoint", str(damaged), "--input", str(texts)], monkeypatch) == 2
+    error = capsys.readouterr().err
+    assert "vocab.txt" in error and "Traceback" not in error
 
 
 def test_cli_choices_are_the_owning_modules_lists():
