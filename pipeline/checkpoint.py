@@ -293,12 +293,45 @@ def latest_training_state(output_dir) -> Path | None:
     return complete[-1] if complete else None
 
 
+def training_state_problem(directory) -> str | None:
+    """Why a complete-looking training state cannot be resumed from (a file missing, unreadable or
+    cut short), or None. Reads every file the way ``load_training_state`` will."""
+    directory = Path(directory)
+    missing = [n for n in (WEIGHTS_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, RNG_FILE) if not (directory / n).is_file()]
+    if missing:
+        return f"missing {missing}"
+    try:
+        state = read_json_object(directory / TRAINING_STATE_FILE, CheckpointError, _DAMAGED)
+    except CheckpointError as error:
+        return str(error)
+    if not isinstance(state.get("step"), int) or "schedule" not in state:
+        return f"{TRAINING_STATE_FILE} has no step or schedule"
+    for name in (WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE):
+        try:
+            paddle.load(str(directory / name))
+        except Exception as error:  # Paddle raises assorted types for truncated or foreign files
+            return f"{name} cannot be read ({type(error).__name__}: {error})"
+    return None
+
+
+def latest_intact_training_state(output_dir) -> Path | None:
+    """Newest training state that can be resumed from; damaged newer ones are skipped with a warning
+    (older states are kept for exactly this: a crash or a full disk while the newest was written)."""
+    for directory in reversed(complete_training_states(output_dir)):
+        problem = training_state_problem(directory)
+        if problem is None:
+            return directory
+        logging.getLogger(__name__).warning("skipping damaged training state %s (%s); trying the one before it",
+                                            directory, problem)
+    return None
+
+
 def resume_source(config: TrainConfig) -> Path | None:
-    """The training state ``config.resume`` names: None for 'off', the newest complete one under
+    """The training state ``config.resume`` names: None for 'off', the newest intact one under
     ``checkpoint_dir`` for 'auto' (None when there is none), else the given directory."""
     if config.resume == "off":
         return None
-    return latest_training_state(config.checkpoint_dir) if config.resume == "auto" else Path(config.resume)
+    return latest_intact_training_state(config.checkpoint_dir) if config.resume == "auto" else Path(config.resume)
 
 
 def load_training_state(directory, model, optimizer, schedule, rank: int = 0, world_size: int = 1,

@@ -119,6 +119,34 @@ def test_only_the_newest_training_states_are_kept(tiny_model_dir, tiny_dataset_d
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
 
 
+@pytest.mark.parametrize("damage", ["weights cut short", "state json cut short", "rng missing"])
+def test_a_damaged_newest_state_is_skipped_for_the_newest_intact_one(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                                    caplog, damage):
+    import logging
+
+    out = tmp_path / "out"
+    settings = dict(save_interval=2, keep_checkpoints=2, do_test=False, eval_interval=2)
+    make_trainer(tiny_model_dir, tiny_dataset_dir, out, max_steps=4, **settings).fit()
+    newest = out / "checkpoints" / "step-00000004"
+    if damage == "weights cut short":
+        weights = newest / "model.pdparams"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "state json cut short":
+        state = newest / "training_state.json"
+        state.write_text(state.read_text()[:40])
+    else:
+        (newest / "rng.pdstate").unlink()
+    steps_run = []
+    original_log = Trainer._log_training
+    trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, out, max_steps=6, **settings)
+    trainer._log_training = lambda step: (steps_run.append(step), original_log(trainer, step))
+    with caplog.at_level(logging.WARNING):
+        result = trainer.fit()
+    assert "skipping damaged training state" in caplog.text and "step-00000004" in caplog.text
+    assert "resumed from" in caplog.text and "step-00000002" in caplog.text
+    assert steps_run == [3, 4, 5, 6] and result.global_step == 6
+
+
 def test_resume_off_starts_fresh_and_bad_resume_paths_are_rejected(tiny_model_dir, tiny_dataset_dir, tmp_path):
     from pipeline.config import ConfigError
 
