@@ -35,6 +35,8 @@ SCALER_FILE = "loss_scaler.pdstate"
 SAVE_DELAY_VARIABLE = "NERPIPE_TEST_SAVE_DELAY"
 FORMAT_VERSION = 1
 REQUIRED_FILES = (WEIGHTS_FILE, META_FILE, MODEL_CONFIG_FILE)
+# What every training state holds (the loss scaler's state only with fp16).
+TRAINING_STATE_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, RNG_FILE)
 # The end of every error about a checkpoint file that cannot be read as JSON.
 _DAMAGED = "the checkpoint is damaged"
 
@@ -297,7 +299,7 @@ def training_state_problem(directory) -> str | None:
     """Why a complete-looking training state cannot be resumed from (a file missing, unreadable or
     cut short), or None. Reads every file the way ``load_training_state`` will."""
     directory = Path(directory)
-    missing = [n for n in (WEIGHTS_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, RNG_FILE) if not (directory / n).is_file()]
+    missing = [n for n in TRAINING_STATE_FILES if not (directory / n).is_file()]
     if missing:
         return f"missing {missing}"
     try:
@@ -339,7 +341,7 @@ def load_training_state(directory, model, optimizer, schedule, rank: int = 0, wo
     """Restore weights, optimiser, schedule, this rank's RNG and the loss scaler from ``directory``;
     return the loop progress."""
     directory = Path(directory)
-    missing = [n for n in (WEIGHTS_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE, RNG_FILE) if not (directory / n).is_file()]
+    missing = [n for n in TRAINING_STATE_FILES if not (directory / n).is_file()]
     if missing:
         raise CheckpointError(f"training state {directory} is missing {missing}")
     load_weights(model, directory / WEIGHTS_FILE)
