@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import dist
 from .alignment import Aligner
 from .amp import AmpPolicy
-from .checkpoint import (WEIGHTS_FILE, TrainingProgress, add_metrics, latest_training_state, load_training_state,
+from .checkpoint import (WEIGHTS_FILE, CheckpointError, TrainingProgress, add_metrics, latest_training_state, load_training_state,
                          load_weights, prune_training_states, resume_source, save_model_checkpoint,
                          save_training_state, training_state_step)
 from .config import TrainConfig, save_config
@@ -367,8 +367,11 @@ class Trainer:
         step = training_state_step(source) if source is not None else -1
         seen = dist.all_reduce_max(np.array([step, -step], dtype=np.int64))
         if seen[0] != -seen[1]:
-            raise RuntimeError(f"ranks see different training states under {self.output_dir} (this rank: {source}); "
-                               f"checkpoint_dir must be on storage every node shares to resume")
+            # Not worth a relaunch (train_dist.py exits 2): every rank would see the same files again.
+            raise CheckpointError(f"ranks see different training states under {self.output_dir} (newest step on "
+                                  f"any rank: {seen[0]}, this rank: {source or 'none'}); checkpoint_dir must be on "
+                                  f"storage every node shares to resume, or start afresh with resume=off "
+                                  f"overwrite=true")
         return source
 
 
