@@ -221,6 +221,9 @@ class TrainingProgress:
     step: int = 0  # optimiser steps taken (skipped NaN/Inf steps included)
     epoch: int = 0  # the epoch being run
     batches_done: int = 0  # batches of ``epoch`` consumed when the state was written
+    # Windows per batch over all ranks (batch_size x workers) when it was written: a resume with another
+    # worker count converts batches_done with it (None in states written before it was recorded).
+    windows_per_batch: int | None = None
     best_metric: float | None = None  # best dev value of config.compare_metrics so far
     best_dev: dict | None = None  # the dev summary that reached it
     evals_without_gain: int = 0  # for early stopping
