@@ -20,7 +20,7 @@ from pathlib import Path
 import paddle
 
 from .config import TrainConfig, save_config
-from .files import atomic_directory, read_json_object, write_json
+from .files import atomic_directory, interrupted_replacement, read_json_object, write_json
 
 WEIGHTS_FILE = "model.pdparams"
 META_FILE = "pipeline.json"
@@ -102,6 +102,13 @@ def read_meta(directory) -> dict:
     """``pipeline.json`` of a checkpoint, after checking the required files are there."""
     directory = Path(directory)
     if not directory.is_dir():
+        old_copy = interrupted_replacement(directory)
+        if old_copy is not None:
+            # Not repaired here: prediction may run on read-only storage, or beside a training run.
+            raise CheckpointError(f"checkpoint directory {directory} does not exist, but {old_copy.name} beside it "
+                                  f"is its previous copy, left by a save killed between its two renames; the next "
+                                  f"training run in that checkpoint_dir puts it back, or do it now: "
+                                  f"mv '{old_copy}' '{directory}'")
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if missing:

@@ -202,3 +202,47 @@ def _is_launcher_of(cmdline: Path, shell_pid: int) -> bool:
         return parent == shell_pid and b"paddle.distributed.launch" in cmdline.read_bytes()
     except (OSError, IndexError, ValueError):
         return False
+
+
+def test_killed_between_the_renames_of_best_model_predict_says_how_to_repair_it(tiny_model_dir, tmp_path):
+    """save_model_checkpoint really killed after moving the old best_model/ aside and before putting the
+    new one in place: predict.py names the old copy and the command that puts it back (exit 2, one
+    line); after that command the checkpoint predicts (training's own repair is tests/test_files.py's)."""
+    best = tmp_path / "best_model"
+    script = f"""
+import os, sys
+from pathlib import Path
+from pipeline import files
+from pipeline.checkpoint import save_model_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.labels import MSRA_LABELS
+from pipeline.models import build_token_classifier, build_tokenizer, resolve_model
+spec = resolve_model({str(tiny_model_dir)!r})
+model, tokenizer = build_token_classifier(spec, MSRA_LABELS), build_tokenizer(spec)
+config = TrainConfig(model={str(tiny_model_dir)!r}, max_seq_len=32)
+real_replace = os.replace
+
+def replace_then_die(source, destination):
+    real_replace(source, destination)
+    if sys.argv[1] == "2" and Path(destination).name.startswith(".best_model.old-"):
+        os.kill(os.getpid(), 9)  # the old copy is aside, the new one not yet in place
+
+files.os.replace = replace_then_die
+save_model_checkpoint({str(best)!r}, model, tokenizer, config, MSRA_LABELS, metrics={{"v": int(sys.argv[1])}})
+"""
+    env = {**clean_env(), "PYTHONPATH": str(ROOT)}
+    for version, code in (("1", 0), ("2", -signal.SIGKILL)):
+        done = subprocess.run([sys.executable, "-c", script, version], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == code, done.stderr[-2000:]
+    assert not best.exists()
+    (old_copy,) = tmp_path.glob(".best_model.old-*")
+    (tmp_path / "in.txt").write_text("李四去上海\n", encoding="utf-8")
+    predict = [sys.executable, "predict.py", "--checkpoint", str(best), "--input", str(tmp_path / "in.txt"),
+               "--output", str(tmp_path / "out.jsonl")]
+    refused = subprocess.run(predict, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert f"mv '{old_copy}' '{best}'" in refused.stderr, refused.stderr
+    subprocess.run(["mv", str(old_copy), str(best)], check=True)  # the command it gave
+    assert subprocess.run(predict, cwd=ROOT, env=clean_env(), capture_output=True, timeout=120).returncode == 0
+    assert json.loads((best / "metrics.json").read_text()) == {"v": 1}
