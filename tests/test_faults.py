@@ -246,3 +246,27 @@ save_model_checkpoint({str(best)!r}, model, tokenizer, config, MSRA_LABELS, metr
     subprocess.run(["mv", str(old_copy), str(best)], check=True)  # the command it gave
     assert subprocess.run(predict, cwd=ROOT, env=clean_env(), capture_output=True, timeout=120).returncode == 0
     assert json.loads((best / "metrics.json").read_text()) == {"v": 1}
+
+
+def test_exit_codes_2_and_3_come_through_the_real_scripts_and_local_sh_does_not_retry_them(tiny_model_dir,
+                                                                                          tiny_dataset_dir, tmp_path):
+    """A learning rate that overflows the weights makes every step NaN: train_dist.py stops with exit 3,
+    and so does the launcher under launch/local.sh, which does not relaunch it (MAX_RESTARTS=2); a bad
+    config ends in exit 2, not retried either. A retried job would print 'relaunching'."""
+    diverging = overrides(tiny_model_dir, tiny_dataset_dir, tmp_path / "nan", learning_rate=1e38, max_bad_steps=2,
+                          max_steps=10, eval_interval=0, do_test=False, use_vdl=False)
+    alone = subprocess.run([sys.executable, "train_dist.py", *diverging], cwd=ROOT, env=clean_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 3, alone.stdout[-2000:] + alone.stderr[-2000:]
+    assert "2 steps in a row" in alone.stderr and "Traceback" not in alone.stderr, alone.stderr[-2000:]
+    (tmp_path / "run.yaml").write_text("seed: 42\n")
+    env = {**clean_env(), "MAX_RESTARTS": "2", "NPROC": "2", "PYTHON": sys.executable,
+           "CONFIG": str(tmp_path / "run.yaml")}
+    for name, settings, code in (
+            ("nan", [*diverging, "overwrite=true"], 3),
+            ("bad", [*overrides(tiny_model_dir, tiny_dataset_dir, tmp_path / "bad"), "no_such_key=1"], 2)):
+        job = subprocess.run(["bash", "launch/local.sh", *settings], cwd=ROOT,
+                             env={**env, "LOG_DIR": str(tmp_path / f"logs-{name}")}, capture_output=True, text=True,
+                             timeout=300)
+        assert job.returncode == code, f"{name}: exit {job.returncode}\n{job.stdout[-2000:]}\n{job.stderr[-2000:]}"
+        assert "relaunching" not in job.stderr, job.stderr[-2000:]
