@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.cpu_env import apply_cpu_settings
 from pipeline.prediction_io import CHUNK_LINES, INPUT_FORMATS, STDIO, output_problem, predict_file
+from pipeline.predict_workers import WorkerDied
 from pipeline.predictor import ENGINES, Predictor
 
 
@@ -101,6 +102,9 @@ def main(argv=None) -> int:
         # Each worker gets about CHUNK_LINES lines of every chunk.
         report = predict_file(predictor, args.input, args.output, args.input_format,
                               chunk_lines=CHUNK_LINES * args.workers, progress=progress.update)
+    except WorkerDied as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1  # a resource failure, worth retrying (unlike 2, bad input)
     finally:
         progress.close()
         if args.workers > 1:

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
 
     from pipeline import dist
     from pipeline.asset_cache import AssetError
-    from pipeline.checkpoint import weights_digest
+    from pipeline.checkpoint import CheckpointError, weights_digest
     from pipeline.metrics import SCORE_KEYS
     from pipeline.models import (ModelUnavailableError, build_token_classifier, build_tokenizer,
                                  check_weights_available, resolve_model)
@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     except NumericalError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except CheckpointError as error:  # a state that cannot be resumed: relaunching would meet it again
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         if lock is not None:
             lock.release()

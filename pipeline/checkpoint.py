@@ -20,7 +20,7 @@ from pathlib import Path
 import paddle
 
 from .config import TrainConfig, save_config
-from .files import atomic_directory, read_json_object, write_json
+from .files import atomic_directory, interrupted_replacement, read_json_object, write_json
 
 WEIGHTS_FILE = "model.pdparams"
 META_FILE = "pipeline.json"
@@ -102,6 +102,13 @@ def read_meta(directory) -> dict:
     """``pipeline.json`` of a checkpoint, after checking the required files are there."""
     directory = Path(directory)
     if not directory.is_dir():
+        old_copy = interrupted_replacement(directory)
+        if old_copy is not None:
+            # Not repaired here: prediction may run on read-only storage, or beside a training run.
+            raise CheckpointError(f"checkpoint directory {directory} does not exist, but {old_copy.name} beside it "
+                                  f"is its previous copy, left by a save killed between its two renames; the next "
+                                  f"training run in that checkpoint_dir puts it back, or do it now: "
+                                  f"mv '{old_copy}' '{directory}'")
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if missing:
@@ -221,6 +228,9 @@ class TrainingProgress:
     step: int = 0  # optimiser steps taken (skipped NaN/Inf steps included)
     epoch: int = 0  # the epoch being run
     batches_done: int = 0  # batches of ``epoch`` consumed when the state was written
+    # Windows per batch over all ranks (batch_size x workers) when it was written: a resume with another
+    # worker count converts batches_done with it (None in states written before it was recorded).
+    windows_per_batch: int | None = None
     best_metric: float | None = None  # best dev value of config.compare_metrics so far
     best_dev: dict | None = None  # the dev summary that reached it
     evals_without_gain: int = 0  # for early stopping

@@ -7,6 +7,10 @@ already exists is first moved aside (``os.replace`` cannot overwrite a non-empty
 directory), so a process killed between the two renames leaves only the old copy
 under its aside name; ``restore_interrupted_replacements`` puts it back. The
 sibling names are made and parsed only in this module.
+
+Atomic also means durable: the new files are fsynced before the rename that
+publishes them, and the parent directory after it, so a power loss leaves the
+old version or the complete new one, never a name pointing at unwritten data.
 """
 from __future__ import annotations
 
@@ -36,6 +40,22 @@ def _parse_sibling(name: str) -> tuple[str, str] | None:
     return name[1:found[0]], found[1]
 
 
+def fsync_path(path) -> None:
+    """Flush one file or directory (its entries: renames into it) to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
+
+
 def write_json(path, value) -> None:
     """Write JSON via a temporary file, fsync and a rename, so readers never see half a file."""
     path = Path(path)
@@ -46,6 +66,7 @@ def write_json(path, value) -> None:
         # On the disk before the rename: a crash must not leave the new name holding an empty file.
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    fsync_path(path.parent)  # the rename itself
 
 
 def read_json_object(path, error: type[Exception] = ValueError, what: str = "the file is damaged") -> dict:
@@ -84,9 +105,11 @@ def atomic_directory(target) -> Iterator[Path]:
     temporary.mkdir()
     try:
         yield temporary
+        _fsync_tree(temporary)  # every file on the disk before the new copy gets the real name
         if target.exists():
             os.replace(target, aside)
         os.replace(temporary, target)
+        fsync_path(target.parent)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(aside, ignore_errors=True)
@@ -111,6 +134,17 @@ def remove_leftovers(target) -> None:
         parsed = _parse_sibling(sibling.name)
         if parsed is not None and parsed[0] == target.name:
             _remove(sibling)
+
+
+def interrupted_replacement(target) -> Path | None:
+    """The old copy of a missing ``target`` that a replacement killed between its two renames left
+    under its aside name (the newest if several), or None."""
+    target = Path(target)
+    if target.exists() or not target.parent.is_dir():
+        return None
+    asides = [sibling for sibling in target.parent.iterdir()
+              if _parse_sibling(sibling.name) == (target.name, _ASIDE) and sibling.is_dir()]
+    return max(asides, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def restore_interrupted_replacements(directory) -> list[Path]:

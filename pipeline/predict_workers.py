@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from .cpu_env import THREAD_VARIABLES, apply_cpu_settings, usable_cores
 
@@ -56,6 +59,21 @@ def _usage(_) -> dict:
             "peak_rss_mib": usage.ru_maxrss / 1024}  # Linux reports KiB
 
 
+class WorkerDied(RuntimeError):
+    """A prediction worker process ended while it had work (killed, e.g. by the out-of-memory killer)."""
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
 def shard_bounds(lengths: list[int], shards: int) -> list[tuple[int, int]]:
     """Split ``range(len(lengths))`` into at most ``shards`` contiguous, non-empty runs of about equal total length."""
     total, bounds, begin, running = sum(lengths) or 1, [], 0, 0
@@ -85,31 +103,55 @@ class ParallelPredictor:
         self.threads = threads or max(1, usable_cores() // workers)
         self.predictor_options = predictor_options
         self.engine_name = None  # known after the first predict()
-        # spawn, not fork: the parent may already hold Paddle with its own threads.
+        # spawn, not fork: the parent may already hold Paddle with its own threads. An executor, not
+        # multiprocessing.Pool: a Pool silently replaces a worker that dies (e.g. killed for memory) and
+        # waits forever for its task; the executor fails every pending task at once (BrokenProcessPool).
         context = multiprocessing.get_context("spawn")
-        self._pool = context.Pool(workers, initializer=_set_worker_threads,
-                                  initargs=(self.threads, context.Barrier(workers)))
+        self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_set_worker_threads,
+                                         initargs=(self.threads, context.Barrier(workers)))
+        self._processes = {}  # pid -> Process, kept to say which worker died and how
+
+    def _run(self, function, *iterables) -> list:
+        """``function`` over the arguments in the workers, in order; a dead worker raises WorkerDied, naming it."""
+        try:
+            futures = [self._pool.submit(function, *arguments) for arguments in zip(*iterables)]
+            # The executor's own process table (private, but the only record of each exit code);
+            # taken while the workers live, because a broken executor forgets its processes.
+            self._processes.update(getattr(self._pool, "_processes", None) or {})
+            return [future.result() for future in futures]
+        except BrokenProcessPool:
+            raise WorkerDied(self._death_report()) from None
+
+    def _death_report(self) -> str:
+        # The executor terminates the survivors (SIGTERM) once one has died: the others are the cause.
+        for process in self._processes.values():
+            process.join(timeout=5)
+        ended = {pid: process.exitcode for pid, process in self._processes.items()}
+        culprits = {pid: code for pid, code in ended.items() if code != -signal.SIGTERM} or ended
+        named = ", ".join(f"pid {pid} ({_how_it_ended(code)})" for pid, code in sorted(culprits.items()))
+        return (f"a prediction worker process died while predicting: {named or 'unknown pid'}; "
+                f"out of memory? Try fewer --workers or a smaller --batch_size. The output is incomplete.")
 
     def start(self) -> None:
         """Load the model in every worker now (else on first use); loading errors are raised here."""
-        names = self._pool.map(_load, [self.predictor_options] * self.workers, chunksize=1)
+        names = self._run(_load, [self.predictor_options] * self.workers)
         self.engine_name = names[0]
 
     def usage(self) -> list[dict]:
         """Every worker's CPU seconds and peak RSS so far, one dict per worker."""
-        return self._pool.map(_usage, range(self.workers), chunksize=1)
+        return self._run(_usage, range(self.workers))
 
     def predict(self, texts: list[str]) -> list[dict]:
         bounds = shard_bounds([len(text) for text in texts], self.workers)
         if not bounds:
             return []
-        answers = self._pool.starmap(_predict_shard, [(self.predictor_options, texts[b:e]) for b, e in bounds])
+        answers = self._run(_predict_shard, [self.predictor_options] * len(bounds),
+                            [texts[b:e] for b, e in bounds])
         self.engine_name = answers[0][0]
         return [result for _, results in answers for result in results]
 
     def close(self) -> None:
-        self._pool.close()
-        self._pool.join()
+        self._pool.shutdown(wait=True)
 
     def __enter__(self):
         return self
@@ -118,5 +160,4 @@ class ParallelPredictor:
         if exc_info[0] is None:
             self.close()
         else:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)

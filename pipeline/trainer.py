@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import dist
 from .alignment import Aligner
 from .amp import AmpPolicy
-from .checkpoint import (WEIGHTS_FILE, TrainingProgress, add_metrics, latest_training_state, load_training_state,
+from .checkpoint import (WEIGHTS_FILE, CheckpointError, TrainingProgress, add_metrics, latest_training_state, load_training_state,
                          load_weights, prune_training_states, resume_source, save_model_checkpoint,
                          save_training_state, training_state_step)
 from .config import TrainConfig, save_config
@@ -168,7 +168,8 @@ class Trainer:
                                                 dist.get_world_size(), self.amp.scaler)
             logger.warning("resumed from %s at step %d (epoch %d, %d batches into it)", source, self.progress.step,
                            self.progress.epoch, self.progress.batches_done)
-        self.resumed_at = (self.progress.epoch, self.progress.batches_done)
+        self.resumed_at = (self.progress.epoch, self._batches_to_skip())
+        self.progress.windows_per_batch = config.batch_size * dist.get_world_size()
         if config.matmul_bias_grad and not config.use_gpu and not self.amp.enabled:
             # Before to_static traces the forward, so the traced program has the matmul form.
             install_matmul_bias_grad(self.model)
@@ -189,6 +190,28 @@ class Trainer:
             logger.info("training: %d workers x batch %d x accumulation %d; %d steps (%d epochs of %d steps)",
                         dist.get_world_size(), config.batch_size, config.grad_accum_steps, self.plan.total_steps,
                         self.plan.epochs, self.plan.steps_per_epoch)
+
+    def _batches_to_skip(self) -> int:
+        """Batches of the resumed epoch already done, counted in this run's batches.
+
+        With another worker count a batch holds another number of windows: the epoch continues after
+        as many windows as the interrupted run consumed (rounded to whole accumulation groups). The
+        global batches are cut differently, so the rest of this epoch is not exactly the windows the
+        interrupted run had left; from the next epoch on, every epoch is the one a run of this size sees.
+        """
+        done, before = self.progress.batches_done, self.progress.windows_per_batch
+        now = self.config.batch_size * dist.get_world_size()
+        if not done or before in (None, now):
+            return done
+        groups = round(done * before / now / self.config.grad_accum_steps)
+        skip = min(groups * self.config.grad_accum_steps, self.plan.batches_per_epoch)
+        if self.is_main:
+            logger.warning("resumed with %d windows per batch instead of %d (another worker count or batch_size): "
+                           "epoch %d continues after %d of its windows, at batch %d of %d; the rest of this epoch "
+                           "may repeat or leave out a few windows the interrupted run had not seen, later epochs "
+                           "are exact", now, before, self.progress.epoch, done * before, skip,
+                           self.plan.batches_per_epoch)
+        return skip
 
     def _batches_of(self, epoch: int):
         """``(batch_index, batch)`` of one epoch, without the batches a resumed run consumed already."""
@@ -367,8 +390,11 @@ class Trainer:
         step = training_state_step(source) if source is not None else -1
         seen = dist.all_reduce_max(np.array([step, -step], dtype=np.int64))
         if seen[0] != -seen[1]:
-            raise RuntimeError(f"ranks see different training states under {self.output_dir} (this rank: {source}); "
-                               f"checkpoint_dir must be on storage every node shares to resume")
+            # Not worth a relaunch (train_dist.py exits 2): every rank would see the same files again.
+            raise CheckpointError(f"ranks see different training states under {self.output_dir} (newest step on "
+                                  f"any rank: {seen[0]}, this rank: {source or 'none'}); checkpoint_dir must be on "
+                                  f"storage every node shares to resume, or start afresh with resume=off "
+                                  f"overwrite=true")
         return source
 
 

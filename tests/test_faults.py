@@ -202,3 +202,71 @@ def _is_launcher_of(cmdline: Path, shell_pid: int) -> bool:
         return parent == shell_pid and b"paddle.distributed.launch" in cmdline.read_bytes()
     except (OSError, IndexError, ValueError):
         return False
+
+
+def test_killed_between_the_renames_of_best_model_predict_says_how_to_repair_it(tiny_model_dir, tmp_path):
+    """save_model_checkpoint really killed after moving the old best_model/ aside and before putting the
+    new one in place: predict.py names the old copy and the command that puts it back (exit 2, one
+    line); after that command the checkpoint predicts (training's own repair is tests/test_files.py's)."""
+    best = tmp_path / "best_model"
+    script = f"""
+import os, sys
+from pathlib import Path
+from pipeline import files
+from pipeline.checkpoint import save_model_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.labels import MSRA_LABELS
+from pipeline.models import build_token_classifier, build_tokenizer, resolve_model
+spec = resolve_model({str(tiny_model_dir)!r})
+model, tokenizer = build_token_classifier(spec, MSRA_LABELS), build_tokenizer(spec)
+config = TrainConfig(model={str(tiny_model_dir)!r}, max_seq_len=32)
+real_replace = os.replace
+
+def replace_then_die(source, destination):
+    real_replace(source, destination)
+    if sys.argv[1] == "2" and Path(destination).name.startswith(".best_model.old-"):
+        os.kill(os.getpid(), 9)  # the old copy is aside, the new one not yet in place
+
+files.os.replace = replace_then_die
+save_model_checkpoint({str(best)!r}, model, tokenizer, config, MSRA_LABELS, metrics={{"v": int(sys.argv[1])}})
+"""
+    env = {**clean_env(), "PYTHONPATH": str(ROOT)}
+    for version, code in (("1", 0), ("2", -signal.SIGKILL)):
+        done = subprocess.run([sys.executable, "-c", script, version], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == code, done.stderr[-2000:]
+    assert not best.exists()
+    (old_copy,) = tmp_path.glob(".best_model.old-*")
+    (tmp_path / "in.txt").write_text("李四去上海\n", encoding="utf-8")
+    predict = [sys.executable, "predict.py", "--checkpoint", str(best), "--input", str(tmp_path / "in.txt"),
+               "--output", str(tmp_path / "out.jsonl")]
+    refused = subprocess.run(predict, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert f"mv '{old_copy}' '{best}'" in refused.stderr, refused.stderr
+    subprocess.run(["mv", str(old_copy), str(best)], check=True)  # the command it gave
+    assert subprocess.run(predict, cwd=ROOT, env=clean_env(), capture_output=True, timeout=120).returncode == 0
+    assert json.loads((best / "metrics.json").read_text()) == {"v": 1}
+
+
+def test_exit_codes_2_and_3_come_through_the_real_scripts_and_local_sh_does_not_retry_them(tiny_model_dir,
+                                                                                          tiny_dataset_dir, tmp_path):
+    """A learning rate that overflows the weights makes every step NaN: train_dist.py stops with exit 3,
+    and so does the launcher under launch/local.sh, which does not relaunch it (MAX_RESTARTS=2); a bad
+    config ends in exit 2, not retried either. A retried job would print 'relaunching'."""
+    diverging = overrides(tiny_model_dir, tiny_dataset_dir, tmp_path / "nan", learning_rate=1e38, max_bad_steps=2,
+                          max_steps=10, eval_interval=0, do_test=False, use_vdl=False)
+    alone = subprocess.run([sys.executable, "train_dist.py", *diverging], cwd=ROOT, env=clean_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 3, alone.stdout[-2000:] + alone.stderr[-2000:]
+    assert "2 steps in a row" in alone.stderr and "Traceback" not in alone.stderr, alone.stderr[-2000:]
+    (tmp_path / "run.yaml").write_text("seed: 42\n")
+    env = {**clean_env(), "MAX_RESTARTS": "2", "NPROC": "2", "PYTHON": sys.executable,
+           "CONFIG": str(tmp_path / "run.yaml")}
+    for name, settings, code in (
+            ("nan", [*diverging, "overwrite=true"], 3),
+            ("bad", [*overrides(tiny_model_dir, tiny_dataset_dir, tmp_path / "bad"), "no_such_key=1"], 2)):
+        job = subprocess.run(["bash", "launch/local.sh", *settings], cwd=ROOT,
+                             env={**env, "LOG_DIR": str(tmp_path / f"logs-{name}")}, capture_output=True, text=True,
+                             timeout=300)
+        assert job.returncode == code, f"{name}: exit {job.returncode}\n{job.stdout[-2000:]}\n{job.stderr[-2000:]}"
+        assert "relaunching" not in job.stderr, job.stderr[-2000:]

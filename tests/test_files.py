@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import files
 from pipeline.files import (atomic_directory, read_json_object, remove_leftovers, restore_interrupted_replacements,
                             sha256_of, write_json)
 
@@ -142,3 +143,48 @@ def test_sha256_of_matches_hashlib(tmp_path):
     data = os.urandom((1 << 20) + 17)  # more than one read block
     path.write_bytes(data)
     assert sha256_of(path) == hashlib.sha256(data).hexdigest()
+
+
+def _record_fsyncs_and_renames(monkeypatch):
+    """Log ('fsync', path) and ('replace', source, target) in the order the code makes them."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", os.path.realpath(source), os.path.realpath(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    return events
+
+
+def test_atomic_directory_fsyncs_every_file_before_publishing_and_the_parent_after(tmp_path, monkeypatch):
+    target = tmp_path / "best_model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    events = _record_fsyncs_and_renames(monkeypatch)
+    with files.atomic_directory(target) as temporary:
+        (temporary / "weights.bin").write_bytes(b"w" * 1000)
+        (temporary / "sub").mkdir()
+        (temporary / "sub" / "vocab.txt").write_text("v")
+        built = os.path.realpath(temporary)
+    renames = [i for i, event in enumerate(events) if event[0] == "replace"]
+    publish = next(i for i in renames if events[i][1] == built)
+    synced_before = {event[1] for event in events[:publish] if event[0] == "fsync"}
+    for name in ("weights.bin", "sub/vocab.txt", "sub", ""):
+        assert os.path.realpath(os.path.join(built, name)) in synced_before, (name, events)
+    assert ("fsync", os.path.realpath(tmp_path)) in events[publish + 1:], events  # the renames reach the disk
+
+
+def test_write_json_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events = _record_fsyncs_and_renames(monkeypatch)
+    files.write_json(tmp_path / "metrics.json", {"f1": 0.5})
+    kinds = [event[0] for event in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[1][2] == os.path.realpath(tmp_path / "metrics.json")
+    assert events[0][1] == events[1][1] and events[2][1] == os.path.realpath(tmp_path)

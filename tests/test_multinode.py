@@ -147,3 +147,30 @@ def test_two_nodes_across_network_namespaces(two_hosts, tiny_model_dir, tiny_dat
     # Node 1 reached node 0's rendezvous through the veth link, at node 0's namespace address.
     node1_output = results[1].stdout + "".join(p.read_text(errors="replace") for p in log_dirs[1].glob("*"))
     assert f"connected to {ADDRESSES[0]}" in node1_output, node1_output[-2000:]
+
+
+@pytest.mark.slow
+def test_nodes_that_see_different_training_states_stop_with_one_line_and_exit_2(tiny_model_dir, tiny_dataset_dir,
+                                                                                 tmp_path):
+    """Storage that is not shared: node 0 has training states, node 1 none. The relaunch must stop on
+    both nodes with the reason in one line and exit 2, which launch/local.sh does not retry."""
+    out_dirs = [tmp_path / f"ckpt-node{rank}" for rank in (0, 1)]
+
+    def job(name: str, **extra):
+        port = free_port()
+        log_dirs = [tmp_path / f"{name}-log-node{rank}" for rank in (0, 1)]
+        commands = [node_command(rank, port, log_dirs[rank], overrides(tiny_model_dir, tiny_dataset_dir,
+                                                                       out_dirs[rank], save_interval=2, **extra))
+                    for rank in (0, 1)]
+        return run_nodes(commands), log_dirs
+
+    results, _ = job("first", do_test=False)
+    assert [result.returncode for result in results] == [0, 0]
+    assert (out_dirs[0] / "checkpoints" / "step-00000004").is_dir() and not (out_dirs[1] / "checkpoints").exists()
+    results, log_dirs = job("again", do_test=False, max_steps=6)
+    for rank, result in enumerate(results):
+        log = (log_dirs[rank] / "workerlog.0").read_text()
+        assert result.returncode == 2, f"node {rank} exited {result.returncode}\n{result.stdout[-2000:]}\n{log[-2000:]}"
+        assert "ranks see different training states" in log and "newest step on any rank: 4" in log, log[-2000:]
+        assert "Traceback" not in log, log[-3000:]
+    assert not (out_dirs[0] / "run.lock").exists()  # rank 0 gave its lock back

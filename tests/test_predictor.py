@@ -430,3 +430,43 @@ def test_predict_cli_workers_write_what_one_process_writes(checkpoint_dir, tmp_p
     assert run_predict_cli(["--checkpoint", str(tmp_path / "nope"), "--input", str(source), "--workers", "2"],
                            monkeypatch) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_prediction_worker_fails_the_run_within_seconds_naming_it(checkpoint_dir, tmp_path):
+    """A --workers process killed mid-way (as the out-of-memory killer does) ends predict.py, not a hang."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    source = tmp_path / "in.txt"
+    source.write_text("张三在北京工作，李四去了上海。\n" * 40_000, encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    job = subprocess.Popen([sys.executable, str(root / "predict.py"), "--checkpoint", str(checkpoint_dir),
+                            "--input", str(source), "--output", str(out), "--workers", "2"],
+                           cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait until the workers are predicting (the first chunk is written), then kill one of them.
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size > 0):
+            assert job.poll() is None, job.communicate()
+            assert time.monotonic() < deadline, "prediction never started"
+            time.sleep(0.2)
+        workers = [child for child in psutil.Process(job.pid).children()
+                   if "resource_tracker" not in " ".join(child.cmdline())]
+        assert len(workers) == 2, [child.cmdline() for child in workers]
+        victim = workers[0].pid
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert time.monotonic() - killed_at < 30  # not a hang: Pool.starmap used to wait forever here
+    assert job.returncode == 1, err
+    assert f"pid {victim} (killed by SIGKILL)" in err and "Traceback" not in err, err
+    assert len(out.read_text(encoding="utf-8").splitlines()) < 40_000  # what was written is a prefix, not all

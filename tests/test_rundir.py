@@ -38,12 +38,16 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
     lock.release()
 
 
-def test_a_reused_pid_does_not_keep_a_stale_lock_alive(tmp_path):
-    # Our own pid, but a different start time: the pid was reused, the owner is gone.
+def test_a_reused_pid_does_not_keep_a_stale_lock_alive(tmp_path, caplog):
+    # Our own pid, alive, but a different start time: the pid was reused, the owner is gone.
     lock = RunLock(tmp_path)
-    (tmp_path / "run.lock").write_text(json.dumps({**lock.owner, "create_time": 12345.0}))
+    (tmp_path / "run.lock").write_text(json.dumps({**lock.owner, "create_time": 12345.0, "since": "earlier"}))
     lock.acquire()
+    assert "taking over" in caplog.text and "(since earlier): its process no longer exists" in caplog.text
+    assert json.loads((tmp_path / "run.lock").read_text()) == lock.owner  # the new owner, with our start time
+    assert lock.owner["create_time"] != 12345.0
     lock.release()
+    assert not (tmp_path / "run.lock").exists()
 
 
 def test_a_live_owner_of_an_older_lock_format_is_not_taken_for_dead(tmp_path):
@@ -57,15 +61,19 @@ def test_a_live_owner_of_an_older_lock_format_is_not_taken_for_dead(tmp_path):
     assert json.loads((tmp_path / "run.lock").read_text())["start_time"] == "12345"
 
 
-def test_a_lock_from_another_host_is_stale_only_without_heartbeat(tmp_path, monkeypatch):
+def test_a_lock_from_another_host_is_stale_only_without_heartbeat(tmp_path, monkeypatch, caplog):
     path = tmp_path / "run.lock"
     path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}))
     with pytest.raises(RunDirError, match="host elsewhere"):
         RunLock(tmp_path).acquire()
+    assert json.loads(path.read_text())["host"] == "elsewhere"  # refused: the lock is untouched
     old = time.time() - rundir.STALE_AFTER_SECONDS - 60
     os.utime(path, (old, old))
     lock = RunLock(tmp_path)
-    lock.acquire()
+    with caplog.at_level("WARNING", logger=rundir.logger.name):
+        lock.acquire()
+    assert f"from pid 1 on host elsewhere (since then): its heartbeat stopped {rundir.STALE_AFTER_SECONDS // 60 + 1:.0f} minutes ago" in caplog.text
+    assert json.loads(path.read_text()) == lock.owner and lock.owner["host"] != "elsewhere"
     lock.release()
 
 

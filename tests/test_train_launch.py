@@ -134,3 +134,23 @@ def test_two_worker_launch_with_the_crf_head(tiny_model_dir, tiny_dataset_dir, t
     digests = {line.split()[-1] for rank in (0, 1)
                for line in (log_dir / f"workerlog.{rank}").read_text().splitlines() if "final weights sha256" in line}
     assert len(digests) == 1  # the transitions were all-reduced like every other gradient
+
+
+@pytest.mark.slow
+def test_resume_with_another_worker_count_continues_after_the_windows_already_done(tiny_model_dir,
+                                                                                    tiny_dataset_dir, tmp_path):
+    """96 training windows: 2 workers x 8 make 6 batches an epoch, one process 12. Two workers stop at
+    step 4 (64 windows done); one process resuming must continue at its batch 8, not 4, so the epoch
+    ends at step 8 (skipping only 4 batches would run 8 more, to step 12)."""
+    out_dir, logs = tmp_path / "out", tmp_path / "logs"
+    run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(logs),
+         "train_dist.py", *overrides(tiny_model_dir, tiny_dataset_dir, out_dir, save_interval=2, do_test=False)],
+        log_hint=logs)
+    state = json.loads((out_dir / "checkpoints" / "step-00000004" / "training_state.json").read_text())
+    assert (state["batches_done"], state["windows_per_batch"]) == (4, 16)
+    result = run([sys.executable, "train_dist.py",
+                  *overrides(tiny_model_dir, tiny_dataset_dir, out_dir, save_interval=2, do_test=False, max_steps=0,
+                             epochs=1)])
+    output = result.stdout + result.stderr
+    assert "epoch 0 continues after 64 of its windows, at batch 8 of 12" in output, output[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["global_step"] == 8
