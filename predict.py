@@ -65,8 +65,8 @@ def parse_args(argv=None):
         if args.use_gpu == "true":
             parser.error("--workers is for CPU prediction; on GPUs run one process per GPU")
         args.use_gpu = "false"  # several workers share the CPU's cores
-    if args.use_gpu == "false":  # with auto the device is known only in main()
-        problem = precision_problem(args.precision, "cpu", args.engine)
+    if args.use_gpu != "auto":  # with auto the device is known only in main()
+        problem = precision_problem(args.precision, "gpu" if args.use_gpu == "true" else "cpu", args.engine)
         if problem:
             parser.error(problem)
     if args.max_seq_len is not None and args.max_seq_len < 8:

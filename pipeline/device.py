@@ -20,6 +20,7 @@ import glob
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,13 @@ def visible_gpu_reason(environ=os.environ, device_files=None) -> tuple[bool, str
     return True, f"{len(device_files)} GPU device(s) under /dev"
 
 
+def gpu_visibility(cuda_build: bool | None = None, environ=os.environ, device_files=None) -> tuple[bool, str]:
+    """``(a GPU can be expected, why)``: a CUDA build of Paddle (``paddle_has_cuda``) and a visible GPU."""
+    if not (paddle_has_cuda() if cuda_build is None else cuda_build):
+        return False, "this Paddle build has no CUDA support (paddlepaddle, not paddlepaddle-gpu)"
+    return visible_gpu_reason(environ, device_files)
+
+
 def no_gpu_message(why: str) -> str:
     """The one-line error for a GPU that was asked for (use_gpu=true, --device gpu) and cannot be used."""
     return (f"a GPU was asked for (use_gpu=true or --device gpu) but none can be used: {why}; install "
@@ -101,11 +109,7 @@ def choose_device(use_gpu: str, cuda_build: bool | None = None, environ=os.envir
     """The device ``use_gpu`` (auto, true, false) means here; DeviceError for true without a usable GPU."""
     if use_gpu == "false":
         return Device(CPU, "use_gpu=false")
-    cuda_build = paddle_has_cuda() if cuda_build is None else cuda_build
-    if cuda_build:
-        visible, why = visible_gpu_reason(environ, device_files)
-    else:
-        visible, why = False, "this Paddle build has no CUDA support (paddlepaddle, not paddlepaddle-gpu)"
+    visible, why = gpu_visibility(cuda_build, environ, device_files)
     if visible:
         return Device(GPU, f"use_gpu={use_gpu}: {why}", required=use_gpu == "true")
     if use_gpu == "true":
@@ -139,3 +143,27 @@ def use_gpu_of(args) -> str:
     if args.use_gpu:
         return "true"
     return {None: "auto", "auto": "auto", CPU: "false", GPU: "true"}[args.device]
+
+
+def main(argv=None) -> int:
+    """``python -m pipeline.device``: print how many GPUs Paddle sees; exit 1 with the reason where there is none.
+
+    For the shell scripts that pass ``--gpus`` to Paddle's launcher, which otherwise dies with a
+    traceback on a machine without GPUs (ValueError in ``distributed/launch/context/device.py``).
+    """
+    visible, why = gpu_visibility()  # cheap: a CPU build or a machine without GPU devices is known without Paddle
+    count = 0
+    if visible:
+        import paddle
+
+        count = paddle.device.cuda.device_count()
+        why = "Paddle sees no GPU (paddle.device.cuda.device_count() is 0)"
+    if count == 0:
+        print(f"no GPU found: {why}", file=sys.stderr)
+        return 1
+    print(count)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
