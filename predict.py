@@ -18,10 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.cpu_env import apply_cpu_settings
+from pipeline.device import DeviceError, add_device_arguments, prepare_process, use_gpu_of
 from pipeline.prediction_io import CHUNK_LINES, INPUT_FORMATS, STDIO, output_problem, predict_file
 from pipeline.predict_workers import WorkerDied
-from pipeline.predictor import ENGINES, Predictor
+from pipeline.predictor import ALL_PRECISIONS, ENGINES, PRECISIONS, Predictor, precision_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_seq_len", type=int, default=None,
                         help="window length in tokens (default: the training one); longer texts are windowed")
-    parser.add_argument("--use_gpu", action="store_true")
+    add_device_arguments(parser)
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="static: the model exported by python -m pipeline.export, run by Paddle Inference; "
                              "dynamic: the checkpoint's weights in the dynamic graph; auto (default): static when "
                              "an export of the checkpoint's current weights is found, else dynamic with a warning")
+    parser.add_argument("--precision", choices=ALL_PRECISIONS, default="fp32",
+                        help="arithmetic of the static engine: " + "; ".join(
+                            f"{device.upper()}: {', '.join(choices)}" for device, choices in PRECISIONS.items()))
     parser.add_argument("--workers", type=int, default=1,
                         help="prediction processes, each with cores/N CPU threads and its own copy of the model "
                              "(default 1; on CPU 2+ keeps all cores busy, see BENCHMARKS.md)")
@@ -55,8 +58,18 @@ def parse_args(argv=None):
         parser.error("--batch_size must be >= 1")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    if args.workers > 1 and args.use_gpu:
-        parser.error("--workers is for CPU prediction; with --use_gpu run one process per GPU")
+    try:
+        args.use_gpu = use_gpu_of(args)
+    except DeviceError as error:
+        parser.error(str(error))
+    if args.workers > 1:
+        if args.use_gpu == "true":
+            parser.error("--workers is for CPU prediction; on GPUs run one process per GPU")
+        args.use_gpu = "false"  # several workers share the CPU's cores
+    if args.use_gpu != "auto":  # with auto the device is known only in main()
+        problem = precision_problem(args.precision, "gpu" if args.use_gpu == "true" else "cpu", args.engine)
+        if problem:
+            parser.error(problem)
     if args.max_seq_len is not None and args.max_seq_len < 8:
         parser.error("--max_seq_len must be >= 8")
     return args
@@ -64,15 +77,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.use_gpu:
-        try:
-            apply_cpu_settings()  # before Paddle is imported
-        except ValueError as error:  # a bad NERPIPE_MALLOC
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    try:
+        device = prepare_process(args.use_gpu)  # before Paddle is imported; CPU settings only on CPU
+    except (DeviceError, ValueError) as error:  # no GPU for --device gpu, a bad NERPIPE_MALLOC
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from tqdm import tqdm
 
     from pipeline.checkpoint import CheckpointError
+    from pipeline.runtime import set_device
 
     if args.input != STDIO and not Path(args.input).is_file():
         print(f"error: input file {args.input} does not exist", file=sys.stderr)
@@ -81,8 +94,19 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    try:
+        device = set_device(device)  # Paddle's own word on the GPU
+        problem = precision_problem(args.precision, device.kind, args.engine)
+        if problem:
+            raise DeviceError(problem)
+    except DeviceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"device: {device.kind} ({device.reason})", file=sys.stderr)
     options = dict(directory=args.checkpoint, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-                   use_gpu=args.use_gpu, engine=args.engine, inference_dir=args.inference_dir)
+                   use_gpu=device.is_gpu, engine=args.engine, inference_dir=args.inference_dir,
+                   precision=args.precision)
+    predictor = None
     try:
         if args.workers > 1:
             from pipeline.predict_workers import ParallelPredictor
@@ -92,7 +116,7 @@ def main(argv=None) -> int:
         else:
             predictor = Predictor.from_checkpoint(**options)
     except CheckpointError as error:
-        if args.workers > 1:
+        if predictor is not None and args.workers > 1:
             predictor.close()
         print(f"error: {error}", file=sys.stderr)
         return 2

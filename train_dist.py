@@ -2,7 +2,7 @@
 
     python train_dist.py --config configs/msra_m3e_small_quick.yaml [key=value ...]
     python -m paddle.distributed.launch --nproc_per_node 2 train_dist.py --config ...   # CPU workers
-    python -m paddle.distributed.launch --gpus 0,1 train_dist.py --config ... use_gpu=true
+    python -m paddle.distributed.launch --gpus 0,1 train_dist.py --config ...   # GPU workers (use_gpu=auto)
     python train_dist.py --config configs/msra_m3e_small_quick.yaml --get checkpoint_dir   # one resolved value
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, field_docs, load_config
-from pipeline.cpu_env import apply_cpu_settings
+from pipeline.device import DeviceError, prepare_process
 
 logger = logging.getLogger("train_dist")
 
@@ -39,9 +39,9 @@ def main(argv=None) -> int:
         if args.get:
             print(getattr(config, args.get))
             return 0
-        if not config.use_gpu:
-            apply_cpu_settings()  # must precede the first `import paddle`; refuses a bad NERPIPE_MALLOC
-    except (ConfigError, ValueError) as error:
+        # Must precede the first `import paddle`: CPU settings only on CPU; refuses a bad NERPIPE_MALLOC.
+        device = prepare_process(config.use_gpu)
+    except (ConfigError, DeviceError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -53,15 +53,20 @@ def main(argv=None) -> int:
                                  check_weights_available, resolve_model)
     from pipeline.readers import DataError
     from pipeline.rundir import claim_checkpoint_dir
-    from pipeline.runtime import set_device, set_seed, setup_logging
+    from pipeline.runtime import (check_amp_on_device, current_device, set_deterministic, set_device, set_seed,
+                                  setup_logging)
     from pipeline.splits import load_splits
     from pipeline.trainer import BEST_MODEL_DIR, NumericalError, Trainer
 
     lock = None
     try:
-        set_device(config.use_gpu)
-        dist.init_distributed()
+        device = set_device(device)
+        dist.init_distributed(on_gpu=device.is_gpu)
         setup_logging()
+        logger.info("device: %s (%s)", current_device(), device.reason)
+        check_amp_on_device(config.amp)
+        if config.deterministic:
+            logger.info("deterministic kernels: %s", set_deterministic() or "no flags to set on CPU")
         # One run per checkpoint_dir, and no previous results overwritten unasked (see pipeline/rundir.py).
         lock = claim_checkpoint_dir(config)
         # Data and model availability are checked before anything slow (tokenising, building the model).

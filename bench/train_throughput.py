@@ -85,10 +85,11 @@ def _child_prelude(args):
     from pipeline import dist
     from pipeline.splits import load_splits
     from pipeline.models import build_token_classifier, build_tokenizer, resolve_model
+    from pipeline.device import choose_device
     from pipeline.runtime import set_device, set_seed
 
-    set_device(False)
-    dist.init_distributed()
+    set_device(choose_device("false"))
+    dist.init_distributed(on_gpu=False)
     splits = load_splits(config)
     spec = resolve_model(config.model)
     set_seed(config.seed)

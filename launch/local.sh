@@ -13,6 +13,12 @@ PYTHON=${PYTHON:-.venv/bin/python}
 LOG_DIR=${LOG_DIR:-log}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 if [ -n "${GPUS:-}" ]; then
+  # Paddle's launcher dies with a traceback (ValueError in launch/context/device.py) when --gpus names
+  # GPUs it cannot see: check first and say so.
+  if ! "$PYTHON" -m pipeline.device >/dev/null; then
+    echo "launch/local.sh: GPUS=$GPUS but no GPU found (above); unset GPUS to run NPROC CPU workers" >&2
+    exit 2
+  fi
   command=("$PYTHON" -m paddle.distributed.launch --gpus "$GPUS" --log_dir "$LOG_DIR"
            train_dist.py --config "$CONFIG" use_gpu=true "$@")
 else

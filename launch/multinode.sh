@@ -45,6 +45,15 @@ args=(--master "${MASTER_ADDR}:${MASTER_PORT}" --nnodes "$NNODES" --job_id "${JO
 if [ -n "${NODE_RANK:-}" ]; then args+=(--rank "$NODE_RANK"); fi
 if [ -n "${HOST_IP:-}" ]; then args+=(--host "$HOST_IP"); fi
 
+if [ -n "${GPUS:-}" ] || [ "${GPUS_PER_NODE:-0}" -gt 0 ]; then
+  # Paddle's launcher dies with a traceback (ValueError in launch/context/device.py) when --gpus names
+  # GPUs it cannot see: check first and say so.
+  if ! "$PYTHON" -m pipeline.device >/dev/null; then
+    echo "launch/multinode.sh: GPUS/GPUS_PER_NODE set but no GPU found (above); unset them to run NPROC CPU" \
+         "workers" >&2
+    exit 2
+  fi
+fi
 if [ -n "${GPUS:-}" ]; then
   exec "$PYTHON" -m paddle.distributed.launch "${args[@]}" --gpus "$GPUS" \
     train_dist.py --config "$CONFIG" use_gpu=true "$@"

@@ -23,6 +23,7 @@ DATA_FORMATS = ("auto", "tsv", "conll", "jsonl")
 TAG_SCHEMES = ("auto", *SCHEMES)
 TEXT_UNITS = ("char", "word")
 HEADS = ("linear", "crf")
+USE_GPU_CHOICES = ("auto", "true", "false")  # decided by pipeline.device before Paddle loads
 
 
 class ConfigError(ValueError):
@@ -107,7 +108,12 @@ class TrainConfig:
         "Starting fresh (nothing to resume) in a checkpoint_dir that holds a previous run's results is refused "
         "unless this is true; then those results are deleted first.", False)
     do_test: bool = _doc("After training, evaluate the best model on the test file.", True)
-    use_gpu: bool = _doc("Train on GPU (one per worker; pick them with launch's --gpus).", False)
+    use_gpu: str = _doc(
+        "auto: on the GPU when Paddle has CUDA and a GPU is visible (under the launcher, the card it gives each "
+        "worker: pick them with --gpus), else on CPU; true: GPU or stop with an error; false: CPU.", "auto")
+    deterministic: bool = _doc(
+        "Set Paddle's deterministic-kernel flags (FLAGS_cudnn_deterministic, FLAGS_embedding_deterministic) so that "
+        "a GPU run repeats exactly with the same seed and cards; slower. CPU runs need nothing.", False)
     use_vdl: bool = _doc("Write VisualDL scalars under checkpoint_dir/vdl.", True)
     num_workers: int = _doc("DataLoader worker processes per rank (0: load in the main process).", 0)
 
@@ -131,6 +137,7 @@ class TrainConfig:
         choices = {
             "amp": AMP_MODES, "amp_level": AMP_LEVELS, "compare_metrics": COMPARE_METRICS,
             "data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "text_unit": TEXT_UNITS, "head": HEADS,
+            "use_gpu": USE_GPU_CHOICES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -141,8 +148,9 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.max_seq_len < 8:
             raise ConfigError(f"max_seq_len must be >= 8 (room for special tokens and text), got {self.max_seq_len}")
-        if self.amp == "fp16" and not self.use_gpu:
-            raise ConfigError("amp: fp16 needs a GPU (use_gpu: true); on CPU use amp: bf16 or off")
+        if self.amp == "fp16" and self.use_gpu == "false":
+            # With use_gpu=auto the device is known only later: pipeline.runtime.check_amp_on_device.
+            raise ConfigError("amp: fp16 needs a GPU (use_gpu: auto or true); on CPU use amp: bf16 or off")
         if self.init_loss_scaling <= 0:
             raise ConfigError(f"init_loss_scaling must be > 0, got {self.init_loss_scaling!r}")
         if not self.model:
@@ -223,6 +231,9 @@ def _check_keys_and_types(values: dict, source: str) -> dict:
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(hints)}")
+    if isinstance(values.get("use_gpu"), bool):
+        # YAML's true/false (configs and checkpoints written when use_gpu was a boolean, `use_gpu=true`).
+        values = {**values, "use_gpu": str(values["use_gpu"]).lower()}
     try:
         return {key: _coerce(key, value, hints[key]) for key, value in values.items()}
     except ConfigError as error:

@@ -19,9 +19,16 @@ def launched_world_size() -> int:
     return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
 
 
-def init_distributed() -> None:
-    """Join the process group when started by the launcher with more than one worker."""
+def init_distributed(on_gpu: bool) -> None:
+    """Join the process group when started by the launcher with more than one worker.
+
+    ``on_gpu``: whether this worker trains on its GPU. On CPU the gloo backend is forced: on a CUDA build
+    under a launcher that assigned cards, ``init_parallel_env`` would otherwise pick NCCL and move the
+    default place to the GPU (its 'auto' backend, ``distributed/parallel.py``), whatever use_gpu said.
+    """
     if launched_world_size() > 1 and not is_initialized():
+        if not on_gpu:
+            os.environ["PADDLE_DISTRI_BACKEND"] = "gloo"  # read by init_parallel_env
         dist.init_parallel_env()
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import DATA_FORMATS, TAG_SCHEMES
-from .cpu_env import apply_cpu_settings
+from .device import DeviceError, add_device_arguments, prepare_process, use_gpu_of
 from .prediction_io import output_problem
 from .predictor import ENGINES, Predictor
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_examples", type=int, default=0, help="only the first N sentences (0: all)")
     parser.add_argument("--predictions", help="also write every sentence's tokens, gold and predicted labels here")
     parser.add_argument("--engine", default="dynamic", choices=ENGINES)
+    add_device_arguments(parser)
     return parser
 
 
@@ -45,17 +46,24 @@ def main(argv=None) -> int:
     if problem:  # before anything is read: the labelled file must never be overwritten
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    apply_cpu_settings()
+    try:
+        device = prepare_process(use_gpu_of(args))  # before Paddle is imported; CPU settings only on CPU
+    except (DeviceError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from .checkpoint import CheckpointError
     from .readers import DataError, check_labels, read_examples
     from .evaluation import evaluate, write_predictions
+    from .runtime import set_device
 
     try:
+        device = set_device(device)
         examples, _ = read_examples(args.file, args.data_format, args.tag_scheme)
-        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size, engine=args.engine)
+        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size, engine=args.engine,
+                                              use_gpu=device.is_gpu)
         labeller = predictor.labeller
         check_labels(examples, labeller.labels)
-    except (DataError, CheckpointError) as error:
+    except (DeviceError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.max_examples:

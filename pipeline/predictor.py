@@ -22,6 +22,21 @@ if TYPE_CHECKING:
 
 ENGINES = ("auto", "dynamic", "static")
 INFERENCE_DIR_NAME = "inference"
+# Arithmetic of the static engine (Paddle Inference) per device, default first; a new one (e.g. int8 on
+# CPU) goes in its device's tuple and in StaticEngine's mapping.
+PRECISIONS = {"cpu": ("fp32",), "gpu": ("fp32", "fp16")}
+ALL_PRECISIONS = tuple(dict.fromkeys(p for choices in PRECISIONS.values() for p in choices))
+
+
+def precision_problem(precision: str, device: str, engine: str) -> str | None:
+    """Why ``precision`` cannot be used on ``device`` ('cpu'/'gpu') with ``engine``, or None if it can."""
+    if precision not in PRECISIONS[device]:
+        return (f"--precision {precision} is not available on {device.upper()} "
+                f"(there: {', '.join(PRECISIONS[device])})")
+    if precision != PRECISIONS[device][0] and engine != "static":
+        # Only Paddle Inference has the reduced precisions; auto could quietly fall back to the dynamic graph.
+        return f"--precision {precision} is the static engine's (Paddle Inference): add --engine static"
+    return None
 
 
 class StaticModelWarning(UserWarning):
@@ -64,7 +79,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, directory, batch_size: int = 32, max_seq_len: int | None = None,
                         use_gpu: bool = False, engine: str = "auto", inference_dir=None,
-                        static_options: dict | None = None) -> "Predictor":
+                        static_options: dict | None = None, precision: str = "fp32") -> "Predictor":
         """Load tokenizer, label map and a model from ``directory`` (e.g. ``.../best_model``).
 
         ``engine``: ``"dynamic"`` runs the checkpoint's weights in the dynamic graph;
@@ -74,7 +89,8 @@ class Predictor:
         is found and current, else warns and runs the dynamic graph. The static
         model is looked for in ``inference_dir`` if given, else in
         ``directory/inference`` and then ``directory/../inference``. ``static_options``
-        (``onednn``, ``ir_optim``, ``threads``...) go to ``StaticEngine``.
+        (``onednn``, ``ir_optim``, ``threads``...) go to ``StaticEngine``. ``precision``: one of
+        ``PRECISIONS`` for the device (``use_gpu``); other than the default, only with the static engine.
         """
         import paddle
 
@@ -85,6 +101,9 @@ class Predictor:
 
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        problem = precision_problem(precision, "gpu" if use_gpu else "cpu", engine)
+        if problem:
+            raise ValueError(problem)
         paddle.set_device("gpu" if use_gpu else "cpu")
         static_dir = None
         if engine != "dynamic":
@@ -97,7 +116,7 @@ class Predictor:
         if static_dir is not None:
             meta, tokenizer = load_tokenizer_and_meta(directory)
             runner = StaticEngine(static_dir, use_gpu=use_gpu, transitions=load_crf_transitions(directory),
-                                  **(static_options or {}))
+                                  precision=precision, **(static_options or {}))
             labels, text_unit, trained_len = meta["labels"], meta["text_unit"], int(meta["max_seq_len"])
         else:
             bundle = load_inference_bundle(directory)

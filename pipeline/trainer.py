@@ -38,6 +38,7 @@ from .metrics import SCORE_KEYS
 from .models import token_logits
 from .optim import build_optimizer, clip_grads_, global_grad_norm
 from .run_log import RunLog, StepStats
+from .runtime import on_gpu
 from .splits import DataSplits
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class Trainer:
                            self.progress.epoch, self.progress.batches_done)
         self.resumed_at = (self.progress.epoch, self._batches_to_skip())
         self.progress.windows_per_batch = config.batch_size * dist.get_world_size()
-        if config.matmul_bias_grad and not config.use_gpu and not self.amp.enabled:
+        if config.matmul_bias_grad and not on_gpu() and not self.amp.enabled:  # the device in use, not the flag
             # Before to_static traces the forward, so the traced program has the matmul form.
             install_matmul_bias_grad(self.model)
         self.model, self.optimizer = self.amp.decorate(self.model, self.optimizer)

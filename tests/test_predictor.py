@@ -261,16 +261,19 @@ def test_cli_choices_are_the_owning_modules_lists():
     from pipeline import evaluate
     from pipeline.config import DATA_FORMATS, TAG_SCHEMES
     from pipeline.prediction_io import INPUT_FORMATS
-    from pipeline.predictor import ENGINES
+    from pipeline.device import DEVICE_FLAGS
+    from pipeline.predictor import ALL_PRECISIONS, ENGINES
 
     def choices(parser):
         return {action.dest: action.choices for action in parser._actions if action.choices is not None}
 
-    assert choices(predict.build_parser()) == {"input_format": INPUT_FORMATS, "engine": ENGINES}
+    assert choices(predict.build_parser()) == {"input_format": INPUT_FORMATS, "engine": ENGINES,
+                                               "device": DEVICE_FLAGS, "precision": ALL_PRECISIONS}
     assert choices(predict.build_parser())["engine"] is ENGINES
     assert choices(predict.build_parser())["input_format"] is INPUT_FORMATS
     evaluate_choices = choices(evaluate.build_parser())
-    assert evaluate_choices == {"data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "engine": ENGINES}
+    assert evaluate_choices == {"data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "engine": ENGINES,
+                                "device": DEVICE_FLAGS}
     assert (evaluate_choices["data_format"] is DATA_FORMATS and evaluate_choices["tag_scheme"] is TAG_SCHEMES
             and evaluate_choices["engine"] is ENGINES)
 

@@ -157,7 +157,7 @@ def test_the_overrides_a_job_adds_are_config_keys(target):
     job = spec(target, gpus=2)
     config = load_config(str(ROOT / CONFIG), job.all_overrides())
     assert config.checkpoint_dir == f"{SHARED}/checkpoints/ner-test" and config.epochs == 2
-    assert config.use_gpu is (target in ("k8s-paddle", "k8s-kubeflow"))
+    assert config.use_gpu == ("true" if target in ("k8s-paddle", "k8s-kubeflow") else "auto")
 
 
 def test_cli_defaults_are_the_job_spec_defaults():
