@@ -114,8 +114,10 @@ def test_rank0_killed_while_writing_a_state_leaves_the_previous_one_usable(tiny_
     from pipeline.predictor import Predictor
 
     out_dir = tmp_path / "run"
+    # keep_checkpoints=1: step 4 is the one state to keep until step 8 is complete, so this also proves
+    # the old state is pruned only after the new one is in place, never while it is being written.
     settings = overrides(tiny_model_dir, tiny_dataset_dir, out_dir, max_steps=12, save_interval=4, eval_interval=4,
-                         do_test=False, use_vdl=False)
+                         do_test=False, use_vdl=False, keep_checkpoints=1)
     env = {**clean_env(), "NERPIPE_TEST_SAVE_DELAY": "2"}
     job = start([sys.executable, "train_dist.py", *settings], env)
     try:
@@ -136,6 +138,7 @@ def test_rank0_killed_while_writing_a_state_leaves_the_previous_one_usable(tiny_
     assert "step-00000004 at step 4" in rerun.stdout
     assert summary_of(rerun.stdout)["global_step"] == 12
     assert not list((out_dir / "checkpoints").glob(".*tmp*")), "half-written state left behind"
+    assert complete_states(out_dir) == ["step-00000012"]  # and keep_checkpoints=1 did prune, once it could
 
 
 def test_killed_while_replacing_best_model_keeps_the_old_one(tiny_model_dir, tmp_path):
