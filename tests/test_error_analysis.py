@@ -62,7 +62,8 @@ def test_a_sentence_from_tags_counts_texts_and_reads_stray_inside_tags_conlleval
                                                    "wrong_type_and_boundary": 1, "missed": 1}
     assert report["top_mistakes"][0] == {"kind": "wrong_type_and_boundary", "gold": "美国/LOC",
                                          "predicted": "美国前商务部/ORG", "count": 1, "source": "test.tsv:7",
-                                         "sentence": "美国前商务部长布朗访华", "marked": "【美国前商务部】长布朗访华"}
+                                         "sentence": "美国前商务部长布朗访华",
+                                         "marked": "【美国前商务部】长布朗访华"}
     assert {(m["kind"], m["gold"], m["predicted"]) for m in report["top_mistakes"][1:]} == {("missed", "华/LOC", None)}
     # Read strict IOB2 instead, the I-PER I-PER is no entity: 布朗 is missed.
     strict = ErrorAnalysis(TYPES, scoring="strict")
@@ -100,8 +101,8 @@ def test_outcomes_add_up_to_the_predicted_and_gold_totals_on_random_tags(scoring
 
 def test_write_report_writes_json_markdown_and_a_png(tmp_path):
     analysis = ErrorAnalysis(TYPES)
-    analysis.update(list("张三在北京"), ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"], ["B-PER", "O", "O", "B-ORG", "I-ORG"],
-                    "dev.tsv:1")
+    analysis.update(list("张三在北京"), ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"],
+                    ["B-PER", "O", "O", "B-ORG", "I-ORG"], "dev.tsv:1")
     paths = write_report(tmp_path / "new" / "report", analysis, "dev.tsv")
     assert [p.name for p in paths] == ["error_analysis.json", "error_analysis.md", "errors_by_type.png"]
     report = json.loads(paths[0].read_text(encoding="utf-8"))
