@@ -21,6 +21,7 @@ import paddle
 
 from .config import TrainConfig, save_config
 from .files import atomic_directory, interrupted_replacement, read_json_object, write_json
+from .metrics import upgrade_summary
 
 WEIGHTS_FILE = "model.pdparams"
 META_FILE = "pipeline.json"
@@ -245,9 +246,13 @@ class TrainingProgress:
     @classmethod
     def from_state(cls, state: dict) -> "TrainingProgress":
         """Read the JSON form; keys this version does not know are ignored, missing ones take defaults
-        (states written before ``bad_steps`` existed have none)."""
+        (states written before ``bad_steps`` existed have none). Dev summaries written before the
+        conlleval-style scores existed are read with their strict figures under the ``strict_`` keys."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in state.items() if k in known})
+        progress = cls(**{k: v for k, v in state.items() if k in known})
+        progress.history = [upgrade_summary(record) for record in progress.history]
+        progress.best_dev = progress.best_dev and upgrade_summary(progress.best_dev)
+        return progress
 
 
 def training_state_step(directory) -> int:

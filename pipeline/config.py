@@ -15,10 +15,12 @@ from pathlib import Path
 import yaml
 
 from .labels import SCHEMES
+from .metrics import SCORE_KEYS
 
 AMP_MODES = ("off", "fp16", "bf16")
 AMP_LEVELS = ("O1", "O2")
-COMPARE_METRICS = ("f1", "precision", "recall")
+# Any corpus score of a summary: f1/precision/recall are conlleval-style, strict_* strict IOB2 (pipeline/metrics.py).
+COMPARE_METRICS = SCORE_KEYS
 DATA_FORMATS = ("auto", "tsv", "conll", "jsonl")
 TAG_SCHEMES = ("auto", *SCHEMES)
 TEXT_UNITS = ("char", "word")
@@ -93,7 +95,10 @@ class TrainConfig:
 
     # --- evaluation, saving, logging ---
     eval_interval: int = _doc("Evaluate on dev every N optimiser steps (0: only at the end of each epoch).", 0)
-    compare_metrics: str = _doc("Dev metric that picks the best model: f1, precision or recall.", "f1")
+    compare_metrics: str = _doc(
+        "Dev metric that picks the best model: f1, precision or recall, conlleval-style (an I-X after O or "
+        "another type starts an entity, as the published figures count); strict_f1, strict_precision or "
+        "strict_recall for strict IOB2. `f1` meant strict IOB2 F1 before both scorings existed.", "f1")
     early_stopping_patience: int = _doc("Stop after N evaluations without improvement (0: never).", 0)
     log_interval: int = _doc("Log loss, learning rate and throughput every N optimiser steps.", 10)
     save_interval: int = _doc("Write a training-state checkpoint every N optimiser steps (0: never).", 0)

@@ -1,12 +1,14 @@
 """Evaluation command line: a saved checkpoint on a labelled file, with the training code's own evaluation.
 
     python -m pipeline.evaluate --checkpoint outputs/msra_full/best_model \\
-        --file ~/.cache/nerpipe/data/msra_ner/test.tsv --predictions test_predictions.jsonl
+        --file ~/.cache/nerpipe/data/msra_ner/test.tsv --predictions test_predictions.jsonl --report test_errors
 
-Prints entity-level precision, recall and F1 (overall and per type) as JSON; the
+Prints entity-level precision, recall and F1 (overall and per type; conlleval-style under the plain keys,
+strict IOB2 under ``strict_`` keys) as JSON; the
 numbers are those ``train_dist.py`` reports for the same model and file, since
 both run ``pipeline.evaluation.evaluate`` (the library) over the same ``TokenLabeller``.
-This module only wires the reader, the predictor and that function together.
+``--report DIR`` also writes the error analysis of ``pipeline.error_analysis`` there (JSON, markdown, PNG).
+This module only wires the reader, the predictor and those functions together.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predictions", help="also write every sentence's tokens, gold and predicted labels here")
     parser.add_argument("--engine", default="dynamic", choices=ENGINES)
     add_device_arguments(parser)
+    parser.add_argument("--report", metavar="DIR", help="also write scores per type, entity errors by kind, the "
+                        "most frequent mistakes with a sentence each (JSON and markdown) and a PNG into DIR")
     return parser
 
 
@@ -43,6 +47,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     problem = args.predictions and output_problem(args.file, args.predictions, "--predictions")
+    if not problem and args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        problem = f"--report {args.report} is a file; give a directory (created if missing)"
     if problem:  # before anything is read: the labelled file must never be overwritten
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -53,8 +59,10 @@ def main(argv=None) -> int:
         return 2
     from .checkpoint import CheckpointError
     from .readers import DataError, check_labels, read_examples
+    from .error_analysis import analyse, write_report
     from .evaluation import evaluate, write_predictions
     from .runtime import set_device
+    from .labels import entity_types
 
     try:
         device = set_device(device)
@@ -72,6 +80,11 @@ def main(argv=None) -> int:
     summary = counts.summary()
     if args.predictions:
         write_predictions(args.predictions, examples, predictions)
+    if args.report:
+        separator = " " if predictor.text_unit == "word" else ""
+        analysis = analyse(examples, predictions, entity_types(labeller.labels), separator)
+        written = write_report(args.report, analysis, f"{args.file} ({len(examples)} sentences)")
+        print(f"error analysis: {', '.join(map(str, written))}", file=sys.stderr)
     print(json.dumps({"checkpoint": args.checkpoint, "file": args.file, "sentences": len(examples), **summary}))
     return 0
 

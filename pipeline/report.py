@@ -3,7 +3,8 @@
     python -m pipeline.report metrics outputs/msra_quick/test_metrics.json
     python -m pipeline.report entities outputs/msra_quick/demo_predictions.jsonl
 
-``metrics`` prints the test precision, recall and F1 (rounded to 4 digits) and the F1 per entity type;
+``metrics`` prints, for each scoring (conlleval-style, then strict IOB2), the test precision, recall and F1
+(rounded to 4 digits) and the F1 per entity type;
 ``entities`` prints each predicted text followed by its entities as ``text/TYPE``. Reading JSON only,
 so it runs in a second without Paddle.
 """
@@ -15,15 +16,22 @@ import sys
 from pathlib import Path
 
 from .files import read_json_object
-from .metrics import SCORE_KEYS
+from .metrics import KEY_PREFIXES, SCORING_NAMES, SCORINGS, upgrade_summary
 
 
-def metrics_line(metrics: dict, split: str = "test") -> str:
-    """One line: ``{"precision": .., "recall": .., "f1": ..}`` then ``{TYPE: f1}``, rounded to 4 digits."""
-    scores = metrics[split]
-    overall = json.dumps({key: round(scores[key], 4) for key in SCORE_KEYS})
-    per_type = {entity_type: round(values["f1"], 4) for entity_type, values in scores["per_type"].items()}
-    return f"{overall} {per_type}"
+def metrics_lines(metrics: dict, split: str = "test") -> list[str]:
+    """One line per scoring the file holds: its name, ``{"precision": .., "recall": .., "f1": ..}`` then
+    ``{TYPE: f1}``, rounded to 4 digits (files written before the conlleval-style scores hold strict only)."""
+    scores = upgrade_summary(metrics[split])
+    lines = []
+    for scoring in SCORINGS:
+        prefix = KEY_PREFIXES[scoring]
+        if prefix + "f1" not in scores:
+            continue
+        overall = json.dumps({key: round(scores[prefix + key], 4) for key in ("precision", "recall", "f1")})
+        per_type = {entity_type: round(values[prefix + "f1"], 4) for entity_type, values in scores["per_type"].items()}
+        lines.append(f"{SCORING_NAMES[scoring] + ':':17}{overall} {per_type}")
+    return lines
 
 
 def entity_lines(result: dict) -> list[str]:
@@ -42,7 +50,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     path = Path(args.file)
     if args.command == "metrics":
-        print(metrics_line(read_json_object(path)))
+        print("\n".join(metrics_lines(read_json_object(path))))
     else:
         with path.open(encoding="utf-8") as lines:
             for line in lines:

@@ -112,8 +112,8 @@ class RunLog:
         """One dev evaluation: log line, ``eval/*`` scalars and its ``dev_metrics.jsonl`` record."""
         if not self.is_main:
             return
-        logger.info("step %d dev: precision %.4f recall %.4f f1 %.4f", record["step"], record["precision"],
-                    record["recall"], record["f1"])
+        logger.info("step %d dev: precision %.4f recall %.4f f1 %.4f (strict IOB2 f1 %.4f)", record["step"],
+                    record["precision"], record["recall"], record["f1"], record["strict_f1"])
         self.scalars({f"eval/{k}": record[k] for k in SCORE_KEYS}, record["step"])
         self._append(DEV_HISTORY_FILE, record)
 

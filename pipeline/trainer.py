@@ -317,7 +317,10 @@ class Trainer:
         self.run_log.evaluation(record)
         # Every rank holds the same reduced metric, so they all take the same branch.
         metric = summary[config.compare_metrics]
-        if progress.best_metric is None or metric > progress.best_metric:
+        # Against the best summary's own value of this metric: a state saved before the metric existed (its
+        # dev figures were strict IOB2 only) has none, and this evaluation then becomes the best.
+        best = (progress.best_dev or {}).get(config.compare_metrics)
+        if best is None or metric > best:
             progress.best_metric, progress.best_dev, progress.evals_without_gain = metric, summary, 0
             self._save_best(summary)
         else:
@@ -401,4 +404,4 @@ class Trainer:
 
 def best_step(history: list, best_metric, key: str):
     """Step of the first evaluation that reached the best metric."""
-    return next((record["step"] for record in history if record[key] == best_metric), None)
+    return next((record["step"] for record in history if record.get(key) == best_metric), None)

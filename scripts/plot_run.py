@@ -33,8 +33,12 @@ def main(argv=None) -> int:
 
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     steps = [r["step"] for r in dev]
+    # Runs logged before both scorings existed hold strict IOB2 figures under the plain keys.
+    scoring = "conlleval-style" if "strict_f1" in dev[0] else "strict IOB2"
     for key, style in (("f1", "o-"), ("precision", "--"), ("recall", ":")):
-        top.plot(steps, [r[key] for r in dev], style, label=f"dev {key}")
+        top.plot(steps, [r[key] for r in dev], style, label=f"dev {key} ({scoring})")
+    if "strict_f1" in dev[0]:
+        top.plot(steps, [r["strict_f1"] for r in dev], "s-", markersize=3, alpha=0.6, label="dev f1 (strict IOB2)")
     best = max(dev, key=lambda r: r["f1"])
     top.annotate(f"best dev F1 {best['f1']:.4f} (step {best['step']})", (best["step"], best["f1"]),
                  textcoords="offset points", xytext=(-150, -30), arrowprops={"arrowstyle": "->"})

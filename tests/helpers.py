@@ -273,7 +273,8 @@ def make_trainer(model_dir, data_dir, out_dir, **overrides):
 
 
 def assert_matches_seqeval(reported: dict, gold: list[list[str]], predicted: list[list[str]]) -> None:
-    """Reported precision, recall and F1 equal seqeval's strict IOB2 figures on the same labels."""
+    """Reported precision, recall and F1 equal seqeval's on the same labels: its default mode for the
+    conlleval-style (plain) keys, its strict IOB2 mode for the ``strict_`` keys."""
     import warnings
 
     from seqeval.metrics import f1_score, precision_score, recall_score
@@ -281,8 +282,9 @@ def assert_matches_seqeval(reported: dict, gold: list[list[str]], predicted: lis
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seqeval warns (and gives 0.0) when nothing was predicted
-        for name, function in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
-            assert reported[name] == pytest.approx(function(gold, predicted, mode="strict", scheme=IOB2)), name
+        for prefix, mode in (("", {}), ("strict_", {"mode": "strict", "scheme": IOB2})):
+            for name, function in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+                assert reported[prefix + name] == pytest.approx(function(gold, predicted, **mode)), prefix + name
 
 
 def assert_test_metrics_match_seqeval(out_dir: Path, test_file: Path):

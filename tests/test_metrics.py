@@ -1,4 +1,5 @@
-"""EntityCounts against seqeval's strict IOB2 metrics, additivity, and errors."""
+"""EntityCounts against seqeval (default mode for the conlleval-style scores, strict IOB2 for the strict ones),
+additivity, reading old summaries, and errors."""
 from __future__ import annotations
 
 import itertools
@@ -7,10 +8,11 @@ import random
 import numpy as np
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+from seqeval.metrics.sequence_labeling import get_entities
 from seqeval.scheme import IOB2, Entities, Tokens
 
 from pipeline.labels import bio_spans
-from pipeline.metrics import EntityCounts
+from pipeline.metrics import SCORE_KEYS, EntityCounts, conll_spans, upgrade_summary
 
 # seqeval warns (and returns 0.0) on zero denominators, and its macro average warns on a
 # corpus with no entities at all; those cases are tested on purpose.
@@ -49,37 +51,47 @@ def _counts(gold, pred, types=TYPES) -> EntityCounts:
     return counts
 
 
+# Our key prefix for each seqeval mode: its default mode is conlleval's reading.
+SEQEVAL_MODES = {"": {}, "strict_": {"mode": "strict", "scheme": IOB2}}
+
+
 def _assert_matches_seqeval(gold, pred) -> None:
     summary = _counts(gold, pred).summary()
-    strict = {"mode": "strict", "scheme": IOB2}
-    assert summary["precision"] == precision_score(gold, pred, **strict)
-    assert summary["recall"] == recall_score(gold, pred, **strict)
-    assert summary["f1"] == f1_score(gold, pred, **strict)
+    for prefix, mode in SEQEVAL_MODES.items():
+        assert summary[prefix + "precision"] == precision_score(gold, pred, **mode)
+        assert summary[prefix + "recall"] == recall_score(gold, pred, **mode)
+        assert summary[prefix + "f1"] == f1_score(gold, pred, **mode)
+
+        report = classification_report(gold, pred, output_dict=True, **mode)
+        for entity_type, ours in summary["per_type"].items():
+            ours = {key: ours[prefix + key] for key in ("precision", "recall", "f1", "support")}
+            if entity_type not in report:
+                # seqeval lists only types seen in gold or pred; ours are then all zero.
+                assert ours == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+                continue
+            theirs = report[entity_type]
+            assert ours["precision"] == theirs["precision"]
+            assert ours["recall"] == theirs["recall"]
+            assert ours["f1"] == theirs["f1-score"]
+            assert ours["support"] == theirs["support"]
+        assert set(report) - {"micro avg", "macro avg", "weighted avg"} <= set(TYPES)
 
     gold_entities = Entities(gold, IOB2)
     pred_entities = Entities(pred, IOB2)
-    assert summary["num_gold"] == sum(map(len, gold_entities.entities))
-    assert summary["num_predicted"] == sum(map(len, pred_entities.entities))
-    assert summary["num_correct"] == sum(
+    assert summary["strict_num_gold"] == sum(map(len, gold_entities.entities))
+    assert summary["strict_num_predicted"] == sum(map(len, pred_entities.entities))
+    assert summary["strict_num_correct"] == sum(
         len(gold_entities.filter(t) & pred_entities.filter(t)) for t in TYPES
     )
-
-    report = classification_report(gold, pred, output_dict=True, **strict)
-    for entity_type, ours in summary["per_type"].items():
-        if entity_type not in report:
-            # seqeval lists only types seen in gold or pred; ours are then all zero.
-            assert ours == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-            continue
-        theirs = report[entity_type]
-        assert ours["precision"] == theirs["precision"]
-        assert ours["recall"] == theirs["recall"]
-        assert ours["f1"] == theirs["f1-score"]
-        assert ours["support"] == theirs["support"]
-    assert set(report) - {"micro avg", "macro avg", "weighted avg"} <= set(TYPES)
+    # seqeval's default mode reads the corpus as one sequence with an O between sentences.
+    gold_chunks, pred_chunks = set(get_entities(gold)), set(get_entities(pred))
+    assert summary["num_gold"] == len(gold_chunks)
+    assert summary["num_predicted"] == len(pred_chunks)
+    assert summary["num_correct"] == len(gold_chunks & pred_chunks)
 
 
 @pytest.mark.parametrize("seed", range(300))
-def test_matches_seqeval_strict_iob2_on_random_corpora(seed):
+def test_matches_seqeval_default_and_strict_modes_on_random_corpora(seed):
     gold, pred = _random_corpus(seed)
     _assert_matches_seqeval(gold, pred)
 
@@ -92,7 +104,9 @@ def test_matches_seqeval_strict_iob2_on_random_corpora(seed):
         ([["O", "O"]], [["B-LOC", "O"]]),  # no gold: recall 0.0
         ([["I-PER", "I-PER"]], [["B-PER", "I-PER"]]),  # gold is ill-formed: no gold entity
         ([["B-PER", "B-PER"]], [["B-PER", "I-PER"]]),  # adjacent B-X B-X are two entities
-        ([["B-PER", "I-LOC"]], [["B-PER", "O"]]),  # I-LOC after B-PER ends PER, starts nothing
+        ([["B-PER", "I-LOC"]], [["B-PER", "O"]]),  # I-LOC after B-PER ends PER; starts LOC only conlleval-style
+        ([["B-PER", "I-PER"]], [["I-PER", "I-PER"]]),  # I- after O: a correct entity conlleval-style only
+        ([["O", "B-LOC", "I-LOC"]], [["I-LOC", "I-ORG", "I-ORG"]]),  # I-ORG after I-LOC starts an ORG
         ([[]], [[]]),
     ],
 )
@@ -112,8 +126,51 @@ def test_hand_counted_example():
     assert summary["precision"] == pytest.approx(1 / 3)
     assert summary["recall"] == pytest.approx(1 / 3)
     assert summary["f1"] == pytest.approx(1 / 3)
-    assert summary["per_type"]["PER"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
-    assert summary["per_type"]["LOC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    both = lambda p, r, f, support: {"precision": p, "recall": r, "f1": f, "support": support,  # noqa: E731
+                                     "strict_precision": p, "strict_recall": r, "strict_f1": f,
+                                     "strict_support": support}
+    # Valid BIO on both sides: the two scorings agree.
+    assert summary["per_type"]["PER"] == both(1.0, 1.0, 1.0, 1)
+    assert summary["per_type"]["LOC"] == both(0.0, 0.0, 0.0, 1)
+    assert counts.counts("strict") == counts.counts("conlleval")
+
+
+def test_hand_counted_invalid_predictions_differ_between_the_scorings():
+    gold = [["B-PER", "I-PER", "O", "B-LOC", "I-LOC"], ["O", "B-ORG", "I-ORG"]]
+    # I-PER after O, I-LOC after B-PER, I-ORG after I-LOC (a second, wrong-typed half).
+    pred = [["I-PER", "I-PER", "O", "B-PER", "I-LOC"], ["O", "I-LOC", "I-ORG"]]
+    counts = _counts(gold, pred)
+    # conlleval-style: PER[0,2) correct, PER[3,4), LOC[4,5), LOC[1,2), ORG[2,3).
+    assert counts.counts("conlleval") == {"predicted": {"PER": 2, "LOC": 2, "ORG": 1},
+                                          "gold": {"PER": 1, "LOC": 1, "ORG": 1},
+                                          "correct": {"PER": 1, "LOC": 0, "ORG": 0}}
+    # strict: only PER[3,4) starts with B-; no I- opens an entity.
+    assert counts.counts("strict") == {"predicted": {"PER": 1, "LOC": 0, "ORG": 0},
+                                       "gold": {"PER": 1, "LOC": 1, "ORG": 1},
+                                       "correct": {"PER": 0, "LOC": 0, "ORG": 0}}
+    summary = counts.summary()
+    assert (summary["precision"], summary["recall"]) == (1 / 5, 1 / 3)
+    assert (summary["strict_precision"], summary["strict_recall"], summary["strict_f1"]) == (0.0, 0.0, 0.0)
+
+
+def test_conll_spans_read_stray_inside_tags_as_entities_end_exclusive():
+    assert conll_spans(["I-PER", "I-PER", "B-PER", "I-LOC", "O", "I-LOC"]) == [
+        ("PER", 0, 2), ("PER", 2, 3), ("LOC", 3, 4), ("LOC", 5, 6)]
+    assert bio_spans(["I-PER", "I-PER", "B-PER", "I-LOC", "O", "I-LOC"]) == [("PER", 2, 3)]
+    assert conll_spans([]) == []
+
+
+def test_upgrade_summary_reads_old_plain_keys_as_strict_and_leaves_new_ones():
+    old = {"step": 40, "precision": 0.5, "recall": 0.25, "f1": 1 / 3, "num_predicted": 2, "num_gold": 4,
+           "num_correct": 1, "per_type": {"PER": {"precision": 0.5, "recall": 0.25, "f1": 1 / 3, "support": 4}}}
+    assert upgrade_summary(old) == {
+        "step": 40, "strict_precision": 0.5, "strict_recall": 0.25, "strict_f1": 1 / 3, "strict_num_predicted": 2,
+        "strict_num_gold": 4, "strict_num_correct": 1,
+        "per_type": {"PER": {"strict_precision": 0.5, "strict_recall": 0.25, "strict_f1": 1 / 3,
+                             "strict_support": 4}}}
+    new = _counts([["B-PER", "I-PER"]], [["I-PER", "I-PER"]]).summary()
+    assert upgrade_summary(new) is new
+    assert set(SCORE_KEYS) <= set(new) and (new["f1"], new["strict_f1"]) == (1.0, 0.0)
 
 
 # -- bio_spans is seqeval's strict IOB2 -------------------------------------------
@@ -197,12 +254,11 @@ def test_vector_round_trip():
     gold, pred = _random_corpus(3)
     counts = _counts(gold, pred)
     vector = counts.to_vector()
-    assert vector.dtype == np.int64 and vector.shape == (3 * len(TYPES),)
+    assert vector.dtype == np.int64 and vector.shape == (2 * 3 * len(TYPES),)
     assert EntityCounts.from_vector(TYPES, vector) == counts
-    # Layout: predicted per type, then gold, then correct.
-    assert vector.tolist() == (
-        list(counts.predicted.values()) + list(counts.gold.values()) + list(counts.correct.values())
-    )
+    # Layout: per scoring (conlleval, then strict), predicted per type, then gold, then correct.
+    assert vector.tolist() == [n for scoring in ("conlleval", "strict")
+                               for row in counts.counts(scoring).values() for n in row.values()]
     # A float vector of whole numbers (e.g. from a float all-reduce) is accepted.
     assert EntityCounts.from_vector(TYPES, vector.astype(np.float64)) == counts
     # The returned vector is a copy: changing it does not change the counts.
@@ -212,13 +268,15 @@ def test_vector_round_trip():
 
 def test_from_vector_rejects_bad_vectors():
     with pytest.raises(ValueError, match="shape"):
-        EntityCounts.from_vector(TYPES, np.zeros(8, dtype=np.int64))
+        EntityCounts.from_vector(TYPES, np.zeros(9, dtype=np.int64))  # one scoring's worth
     with pytest.raises(ValueError, match="whole numbers"):
-        EntityCounts.from_vector(TYPES, np.full(9, 0.5))
+        EntityCounts.from_vector(TYPES, np.full(18, 0.5))
     with pytest.raises(ValueError, match="inconsistent"):
-        EntityCounts.from_vector(TYPES, np.array([0, 0, 0, 0, 0, 0, 1, 0, 0]))
+        EntityCounts.from_vector(TYPES, np.array([0] * 6 + [1] + [0] * 11))  # correct without predicted
     with pytest.raises(ValueError, match="inconsistent"):
-        EntityCounts.from_vector(TYPES, np.array([-1, 0, 0, 0, 0, 0, 0, 0, 0]))
+        EntityCounts.from_vector(TYPES, np.array([0] * 15 + [1, 0, 0]))  # the same in the strict plane
+    with pytest.raises(ValueError, match="inconsistent"):
+        EntityCounts.from_vector(TYPES, np.array([-1] + [0] * 17))
 
 
 def test_adding_counts_over_other_types_raises():

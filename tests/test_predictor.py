@@ -369,6 +369,43 @@ def test_evaluate_cli_reports_what_seqeval_computes_on_its_predictions(checkpoin
     assert "B-MISC" in capsys.readouterr().err
 
 
+def test_evaluate_cli_report_writes_the_error_analysis_of_its_predictions(checkpoint_dir, tiny_dataset_dir,
+                                                                          tmp_path, capsys):
+    import struct
+
+    from pipeline import evaluate
+    from pipeline.readers import read_examples
+
+    report_dir = tmp_path / "errors"
+    assert evaluate.main(["--checkpoint", str(checkpoint_dir), "--file", str(tiny_dataset_dir / "test.tsv"),
+                          "--report", str(report_dir), "--batch_size", "5"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(p.name for p in report_dir.iterdir()) == ["error_analysis.json", "error_analysis.md",
+                                                            "errors_by_type.png"]
+    report = json.loads((report_dir / "error_analysis.json").read_text(encoding="utf-8"))
+    assert report["scores"] == {k: v for k, v in summary.items() if k not in ("checkpoint", "file", "sentences")}
+    # Every predicted and every gold entity of the random model's has one outcome.
+    predicted, gold = report["outcomes"]["predicted"]["total"], report["outcomes"]["gold"]["total"]
+    assert sum(predicted.values()) == summary["num_predicted"] > 0 and sum(gold.values()) == summary["num_gold"] > 0
+    assert predicted["correct"] == gold["correct"] == summary["num_correct"]
+    assert 0 < len(report["top_mistakes"]) <= 20
+    sentences = {e.source: "".join(e.tokens) for e in read_examples(tiny_dataset_dir / "test.tsv")[0]}
+    for mistake in report["top_mistakes"]:
+        assert mistake["sentence"] == sentences[mistake["source"]]  # the sentence it comes from
+        for side in ("gold", "predicted"):
+            assert mistake[side] is None or mistake[side].split("/")[0] in mistake["sentence"]
+    page = (report_dir / "error_analysis.md").read_text(encoding="utf-8")
+    assert f"| {report['top_mistakes'][0]['count']} | {report['top_mistakes'][0]['kind']} |" in page
+    png = (report_dir / "errors_by_type.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (1000, 400)  # figsize (10, 4) at 100 dpi
+    # A file where the directory should go is refused before anything is read.
+    assert evaluate.main(["--checkpoint", str(tmp_path / "none"), "--file", str(tiny_dataset_dir / "test.tsv"),
+                          "--report", str(report_dir / "error_analysis.md")]) == 2
+    assert "--report" in capsys.readouterr().err
+
+
 def test_evaluate_cli_never_writes_predictions_over_the_labelled_file(tiny_dataset_dir, tmp_path, capsys):
     from pipeline import evaluate
 

@@ -7,6 +7,7 @@ import sys
 
 from helpers import ROOT
 from pipeline import report
+from pipeline.metrics import EntityCounts
 
 TEST_METRICS = {"test": {
     "precision": 0.78134999, "recall": 0.775149, "f1": 0.7782, "num_predicted": 10,
@@ -26,13 +27,27 @@ def run(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-def test_metrics_line_is_the_rounded_overall_scores_then_f1_per_type(tmp_path, capsys):
-    expected = '{"precision": 0.7813, "recall": 0.7751, "f1": 0.7782} ' "{'PER': 0.8234, 'ORG': 0.0, 'LOC': 1}"
-    assert report.metrics_line(TEST_METRICS) == expected
+def test_metrics_lines_are_each_scorings_rounded_overall_scores_then_f1_per_type(tmp_path, capsys):
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG"]]
+    predicted = [["I-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "O"]]  # PER correct conlleval-style only
+    counts = EntityCounts(["PER", "ORG", "LOC"])
+    counts.update(gold, predicted)
+    expected = ['conlleval-style: {"precision": 0.6667, "recall": 0.6667, "f1": 0.6667} '
+                "{'PER': 1.0, 'ORG': 0.0, 'LOC': 1.0}",
+                'strict IOB2:     {"precision": 0.5, "recall": 0.3333, "f1": 0.4} '
+                "{'PER': 0.0, 'ORG': 0.0, 'LOC': 1.0}"]
+    assert report.metrics_lines({"test": counts.summary()}) == expected
     path = tmp_path / "test_metrics.json"
-    path.write_text(json.dumps(TEST_METRICS), encoding="utf-8")
+    path.write_text(json.dumps({"step": 3, "test": counts.summary()}), encoding="utf-8")
     assert report.main(["metrics", str(path)]) == 0
-    assert capsys.readouterr().out == expected + "\n"
+    assert capsys.readouterr().out == "\n".join(expected) + "\n"
+
+
+def test_metrics_of_a_file_written_before_both_scorings_are_its_strict_figures():
+    # The plain keys of an old test_metrics.json held strict IOB2 figures.
+    assert report.metrics_lines(TEST_METRICS) == [
+        'strict IOB2:     {"precision": 0.7813, "recall": 0.7751, "f1": 0.7782} '
+        "{'PER': 0.8234, 'ORG': 0.0, 'LOC': 1}"]
 
 
 def test_entities_lists_each_text_with_its_entities(tmp_path):

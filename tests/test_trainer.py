@@ -213,3 +213,32 @@ def test_too_many_nan_steps_in_a_row_stop_the_run(tiny_model_dir, tiny_dataset_d
     assert "step-00000004" in message and "best_model" in message
     state = paddle.load(str(tmp_path / "out" / "checkpoints" / "step-00000004" / "model.pdparams"))
     assert all(np.isfinite(tensor.numpy()).all() for tensor in state.values())
+
+
+def _strict_only(record: dict) -> dict:
+    """A dev summary as versions before the conlleval-style scores wrote it: strict figures, plain keys."""
+    def old(values: dict) -> dict:
+        return {k.removeprefix("strict_"): v for k, v in values.items() if k.startswith("strict_") or k == "step"}
+
+    return {**old(record), "per_type": {t: old(v) for t, v in record["per_type"].items()}}
+
+
+@pytest.mark.parametrize("compare_metrics, new_best", [("f1", True), ("strict_f1", False)])
+def test_a_state_written_before_both_scorings_resumes_comparing_like_with_like(
+        tiny_model_dir, tiny_dataset_dir, tmp_path, compare_metrics, new_best):
+    out = tmp_path / "out"
+    settings = dict(save_interval=2, eval_interval=2, do_test=False, compare_metrics=compare_metrics)
+    make_trainer(tiny_model_dir, tiny_dataset_dir, out, max_steps=2, **settings).fit()
+    path = out / "checkpoints" / "step-00000002" / "training_state.json"
+    state = json.loads(path.read_text())
+    # An old state whose best dev F1 (strict, under the plain key) nothing can beat.
+    state["history"] = [{**_strict_only(r), "f1": 1.0} for r in state["history"]]
+    state["best_dev"], state["best_metric"] = {**_strict_only(state["best_dev"]), "f1": 1.0}, 1.0
+    path.write_text(json.dumps(state))
+    result = make_trainer(tiny_model_dir, tiny_dataset_dir, out, max_steps=4, **settings).fit()
+    # Its figures were strict: read as strict_f1, they are 1.0; its conlleval-style F1 was never measured.
+    assert result.history[0]["strict_f1"] == 1.0 and "f1" not in result.history[0]
+    assert json.loads((out / "dev_metrics.jsonl").read_text().splitlines()[0]) == result.history[0]
+    saved_step = json.loads((out / "best_model" / "metrics.json").read_text())["step"]
+    # compare_metrics=f1 has no old value to beat, so step 4 is the best; strict_f1 = 1.0 is never beaten.
+    assert (saved_step == 4) is new_best and (result.best_metric == 1.0) is not new_best
