@@ -4,7 +4,9 @@ The ``Aligner`` maps each token (a character for Chinese, a word otherwise)
 to word pieces explicitly, token by token, so a character that yields no
 piece (a space, a control character) can never shift a later label. A
 sentence longer than the model's input is cut into windows that cover every
-token, so no label is dropped by truncation.
+token, so no label is dropped by truncation. Characters the vocabulary lacks are
+replaced by the checkpoint's character mapping (``pipeline.char_mapping``) just
+before tokenising, one character for one, so tokens and outputs keep the original.
 """
 from __future__ import annotations
 
@@ -59,8 +61,10 @@ def plan_windows(piece_counts: list[int], budget: int, overlap: int = 0) -> list
 class Aligner:
     """Maps tokens to word pieces one token at a time, and builds model inputs."""
 
-    def __init__(self, tokenizer, max_seq_len: int):
+    def __init__(self, tokenizer, max_seq_len: int, char_mapping: dict[str, str] | None = None):
         self.tokenizer = tokenizer
+        self.char_mapping = dict(char_mapping or {})
+        self._translation = str.maketrans(self.char_mapping)
         self.max_seq_len = max_seq_len
         self.budget = max_seq_len - 2  # room for [CLS] and [SEP]
         self.cls_id = tokenizer.cls_token_id
@@ -70,7 +74,12 @@ class Aligner:
         self._pieces: dict[str, tuple[int, ...]] = {}
 
     def pieces(self, token: str) -> tuple[int, ...]:
-        """Word-piece ids of one token (empty for spaces and control characters); cached."""
+        """Word-piece ids of one token after the character mapping (empty for spaces and control
+        characters); cached."""
+        return self.unmapped_pieces(token.translate(self._translation))
+
+    def unmapped_pieces(self, token: str) -> tuple[int, ...]:
+        """Word-piece ids of one token as it is, without the character mapping; cached."""
         ids = self._pieces.get(token)
         if ids is None:
             ids = tuple(self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(token)))
@@ -112,10 +121,13 @@ class FeatureStats:
     examples: int = 0
     windows: int = 0
     split_examples: int = 0
+    tokens: int = 0
     tokens_without_pieces: int = 0
     unknown_pieces: int = 0
+    unknown_pieces_unmapped: int = 0  # what ``unknown_pieces`` would be without the character mapping
     pieces: int = 0
     no_piece_characters: Counter = field(default_factory=Counter)
+    mapped_tokens: Counter = field(default_factory=Counter)  # tokens the character mapping changed
 
 
 def build_training_features(examples: list[Example], aligner: Aligner, labels: list[str]):
@@ -128,10 +140,14 @@ def build_training_features(examples: list[Example], aligner: Aligner, labels: l
         features.extend(windows)
         stats.windows += len(windows)
         stats.split_examples += len(windows) > 1
+        stats.tokens += len(example.tokens)
         for token in example.tokens:
-            pieces = aligner.pieces(token)
+            pieces, unmapped = aligner.pieces(token), aligner.unmapped_pieces(token)
             stats.pieces += len(pieces)
             stats.unknown_pieces += pieces.count(aligner.unk_id)
+            stats.unknown_pieces_unmapped += unmapped.count(aligner.unk_id)
+            if pieces != unmapped:
+                stats.mapped_tokens[token] += 1
             if not pieces:
                 stats.tokens_without_pieces += 1
                 stats.no_piece_characters[token] += 1

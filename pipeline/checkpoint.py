@@ -3,7 +3,8 @@
 A model checkpoint directory holds everything the predictor needs:
 ``model.pdparams`` (weights), ``config.json`` (PaddleNLP model config with
 ``id2label``), the tokenizer files, ``pipeline.json`` (label list, text unit,
-max_seq_len, tokenizer class), ``train_config.yaml`` and ``metrics.json``.
+max_seq_len, tokenizer class), ``char_mapping.json`` (the characters fed to the
+model as others, ``pipeline.char_mapping``), ``train_config.yaml`` and ``metrics.json``.
 It is built in a temporary sibling directory and renamed into place, so a
 crash mid-write never leaves a directory that looks complete.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import paddle
 
+from .char_mapping import check_char_mapping
 from .config import TrainConfig, save_config
 from .files import atomic_directory, interrupted_replacement, read_json_object, write_json
 from .metrics import upgrade_summary
@@ -32,6 +34,8 @@ OPTIMIZER_FILE = "optimizer.pdopt"
 TRAINING_STATE_FILE = "training_state.json"
 RNG_FILE = "rng.pdstate"
 SCALER_FILE = "loss_scaler.pdstate"
+# Optional: checkpoints written before the character mapping existed have none, and map nothing.
+CHAR_MAPPING_FILE = "char_mapping.json"
 # Test hook: seconds to pause in the middle of writing a checkpoint, so a test can kill the writer there.
 SAVE_DELAY_VARIABLE = "NERPIPE_TEST_SAVE_DELAY"
 FORMAT_VERSION = 1
@@ -63,8 +67,10 @@ def _test_pause() -> None:
 
 
 def save_model_checkpoint(directory, model, tokenizer, config: TrainConfig, labels: list[str],
-                          metrics: dict | None = None, extra_files: dict | None = None) -> Path:
-    """Write a complete, self-describing model directory atomically; rank 0 only."""
+                          metrics: dict | None = None, extra_files: dict | None = None,
+                          char_mapping: dict[str, str] | None = None) -> Path:
+    """Write a complete, self-describing model directory atomically; rank 0 only (``char_mapping``:
+    the aligner's, written when given)."""
     target = Path(directory)
     with atomic_directory(target) as temporary:
         paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
@@ -82,6 +88,8 @@ def save_model_checkpoint(directory, model, tokenizer, config: TrainConfig, labe
         })
         save_config(config, temporary / TRAIN_CONFIG_FILE)
         write_json(temporary / METRICS_FILE, metrics or {})
+        if char_mapping is not None:
+            write_json(temporary / CHAR_MAPPING_FILE, char_mapping)
         for name, writer in (extra_files or {}).items():
             writer(temporary / name)
     return target
@@ -120,6 +128,17 @@ def read_meta(directory) -> dict:
         raise CheckpointError(f"checkpoint {directory} has format version {meta.get('format_version')!r}; "
                               f"this code reads version {FORMAT_VERSION}")
     return meta
+
+
+def load_char_mapping(directory) -> dict[str, str]:
+    """The character mapping a checkpoint or training state was trained with; {} if it has none."""
+    path = Path(directory) / CHAR_MAPPING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return check_char_mapping(read_json_object(path, CheckpointError, _DAMAGED), path)
+    except ValueError as error:
+        raise CheckpointError(f"{error}; {_DAMAGED}") from None
 
 
 def load_weights(model: paddle.nn.Layer, path) -> None:
@@ -270,7 +289,8 @@ def add_metrics(directory, **metrics) -> None:
 
 
 def save_training_state(output_dir, model, optimizer, schedule, config: TrainConfig, progress: TrainingProgress,
-                        rng_states: list, scaler_state: dict | None = None) -> Path:
+                        rng_states: list, scaler_state: dict | None = None,
+                        char_mapping: dict[str, str] | None = None) -> Path:
     """Weights, optimiser, schedule, RNG, loss scaler and loop progress, written atomically; rank 0 only.
 
     ``rng_states`` is every rank's Paddle RNG state in rank order (ranks draw different dropout masks).
@@ -286,6 +306,8 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
             paddle.save(scaler_state, str(temporary / SCALER_FILE))
         write_json(temporary / TRAINING_STATE_FILE, {**progress.to_state(), "schedule": schedule.state_dict()})
         save_config(config, temporary / TRAIN_CONFIG_FILE)
+        if char_mapping is not None:
+            write_json(temporary / CHAR_MAPPING_FILE, char_mapping)
     return target
 
 
@@ -323,6 +345,10 @@ def training_state_problem(directory) -> str | None:
         return str(error)
     if not isinstance(state.get("step"), int) or "schedule" not in state:
         return f"{TRAINING_STATE_FILE} has no step or schedule"
+    try:
+        load_char_mapping(directory)
+    except CheckpointError as error:
+        return str(error)
     for name in (WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE):
         try:
             paddle.load(str(directory / name))

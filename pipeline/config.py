@@ -26,6 +26,7 @@ TAG_SCHEMES = ("auto", *SCHEMES)
 TEXT_UNITS = ("char", "word")
 HEADS = ("linear", "crf")
 USE_GPU_CHOICES = ("auto", "true", "false")  # decided by pipeline.device before Paddle loads
+CHAR_MAPPINGS = ("auto", "off")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,11 @@ class TrainConfig:
                      "over the tokens on top of the linear layer; Viterbi decoding).", "linear")
     text_unit: str = _doc("'char': one label per character (Chinese); 'word': per whitespace word.", "char")
     lower_case: typing.Optional[bool] = _doc("Lower-case text before tokenising; default: the tokenizer's own.", None)
+    char_mapping: str = _doc(
+        "'auto': a character the tokenizer's vocabulary lacks ([UNK]) is fed to the model as an equivalent it has "
+        "(curly quotes as straight ones, the em dash as a hyphen, NFKC forms; pipeline/char_mapping.py), one "
+        "character for one, in training, evaluation and prediction (saved with the checkpoint); outputs keep the "
+        "original characters. 'off': characters are tokenised as they are.", "auto")
     max_seq_len: int = _doc("Longest token sequence fed to the model; longer texts are split into windows.", 128)
     max_train_examples: int = _doc("Use only the first N training sentences (0: all).", 0)
     max_dev_examples: int = _doc("Use only the first N dev sentences (0: all).", 0)
@@ -143,6 +149,7 @@ class TrainConfig:
             "amp": AMP_MODES, "amp_level": AMP_LEVELS, "compare_metrics": COMPARE_METRICS,
             "data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "text_unit": TEXT_UNITS, "head": HEADS,
             "use_gpu": USE_GPU_CHOICES,
+            "char_mapping": CHAR_MAPPINGS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

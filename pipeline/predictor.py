@@ -94,7 +94,8 @@ class Predictor:
         """
         import paddle
 
-        from .checkpoint import CheckpointError, load_crf_transitions, load_inference_bundle, load_tokenizer_and_meta
+        from .checkpoint import (CheckpointError, load_char_mapping, load_crf_transitions, load_inference_bundle,
+                                 load_tokenizer_and_meta)
         from .alignment import Aligner
         from .engines import DynamicEngine, StaticEngine
         from .labeller import TokenLabeller
@@ -122,7 +123,8 @@ class Predictor:
             bundle = load_inference_bundle(directory)
             runner, tokenizer = DynamicEngine(bundle.model), bundle.tokenizer
             labels, text_unit, trained_len = bundle.labels, bundle.text_unit, bundle.max_seq_len
-        aligner = Aligner(tokenizer, max_seq_len or trained_len)
+        # The mapping saved at training time, not one derived anew: the model must see what it was trained on.
+        aligner = Aligner(tokenizer, max_seq_len or trained_len, load_char_mapping(directory))
         return cls(TokenLabeller(runner, aligner, labels, batch_size), text_unit)
 
     @property

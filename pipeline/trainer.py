@@ -22,9 +22,10 @@ from tqdm import tqdm
 from . import dist
 from .alignment import Aligner
 from .amp import AmpPolicy
-from .checkpoint import (WEIGHTS_FILE, CheckpointError, TrainingProgress, add_metrics, latest_training_state, load_training_state,
-                         load_weights, prune_training_states, resume_source, save_model_checkpoint,
-                         save_training_state, training_state_step)
+from .char_mapping import build_char_mapping
+from .checkpoint import (WEIGHTS_FILE, CheckpointError, TrainingProgress, add_metrics, latest_training_state,
+                         load_char_mapping, load_training_state, load_weights, prune_training_states, resume_source,
+                         save_model_checkpoint, save_training_state, training_state_step)
 from .config import TrainConfig, save_config
 from .cpu_env import release_freed_memory
 from .engines import DynamicEngine
@@ -111,7 +112,8 @@ class Trainer:
         self.labels = splits.labels
         self.output_dir = Path(config.checkpoint_dir)
         self.best_dir = self.output_dir / BEST_MODEL_DIR
-        self.aligner = Aligner(tokenizer, config.max_seq_len)
+        char_mapping = build_char_mapping(tokenizer) if config.char_mapping == "auto" else {}
+        self.aligner = Aligner(tokenizer, config.max_seq_len, char_mapping)
         self.amp = AmpPolicy(config)
         self.is_main = dist.is_main_process()
         self.progress = TrainingProgress()
@@ -158,11 +160,13 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "train_config.yaml")
+        source = self._resume_source()
+        if source is not None:
+            self._keep_char_mapping_of(source)  # before the training features are built with it
         self.sampler, self.loader = build_train_loader(self.splits.train, self.aligner, self.labels, config,
                                                        log=self.is_main)
         self.plan = StepPlan.of(config, len(self.loader))
         self.optimizer, self.schedule = build_optimizer(config, self.model, self.plan.total_steps)
-        source = self._resume_source()
         if source is not None:
             # Before AMP decoration and DataParallel, so both start from the restored weights.
             self.progress = load_training_state(source, self.model, self.optimizer, self.schedule, dist.get_rank(),
@@ -335,7 +339,7 @@ class Trainer:
         rng_states = dist.all_gather_objects(paddle.get_rng_state())  # collective: every rank
         if self.is_main:
             save_training_state(self.output_dir, self.model, self.optimizer, self.schedule, self.config,
-                                self.progress, rng_states, self.amp.scaler_state())
+                                self.progress, rng_states, self.amp.scaler_state(), self.aligner.char_mapping)
             # Only after the new state is complete, so a crash here never leaves fewer than before.
             prune_training_states(self.output_dir, self.config.keep_checkpoints)
             release_freed_memory()
@@ -376,7 +380,7 @@ class Trainer:
         step = self.progress.step
         if self.is_main:
             save_model_checkpoint(self.best_dir, self.model, self.tokenizer, self.config, self.labels,
-                                  metrics={"step": step, "dev": summary})
+                                  metrics={"step": step, "dev": summary}, char_mapping=self.aligner.char_mapping)
             logger.info("step %d: new best dev %s=%.4f, saved to %s", step, self.config.compare_metrics,
                         summary[self.config.compare_metrics], self.best_dir)
         dist.barrier()
@@ -400,6 +404,15 @@ class Trainer:
                                   f"storage every node shares to resume, or start afresh with resume=off "
                                   f"overwrite=true")
         return source
+
+    def _keep_char_mapping_of(self, source: Path):
+        """Continue with the character mapping the resumed state was trained with (none for states
+        written before the mapping existed), so the resumed run sees the very same inputs."""
+        saved = load_char_mapping(source)
+        if saved != self.aligner.char_mapping:
+            logger.warning("%s was trained with a character mapping of %d characters, this run derived %d: "
+                           "continuing with the saved one", source, len(saved), len(self.aligner.char_mapping))
+            self.aligner = Aligner(self.tokenizer, self.config.max_seq_len, saved)
 
 
 def best_step(history: list, best_metric, key: str):
