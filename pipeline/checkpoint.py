@@ -78,6 +78,7 @@ def save_model_checkpoint(directory, model, tokenizer, config: TrainConfig, labe
             "tokenizer_class": type(tokenizer).__name__,
             "model_class": type(model).__name__,
             "base_model": config.model,
+            "decoding": config.decoding,
         })
         save_config(config, temporary / TRAIN_CONFIG_FILE)
         write_json(temporary / METRICS_FILE, metrics or {})
@@ -112,6 +113,18 @@ def read_meta(directory) -> dict:
         raise CheckpointError(f"checkpoint {directory} has format version {meta.get('format_version')!r}; "
                               f"this code reads version {FORMAT_VERSION}")
     return meta
+
+
+def saved_decoding(directory, meta: dict) -> str:
+    """The decoding a checkpoint was selected with; ``constrained`` for checkpoints written before
+    ``decoding`` existed (their argmax labels could be invalid BIO; the constrained ones never are)."""
+    from .decoding import DECODINGS
+
+    decoding = meta.get("decoding", "constrained")
+    if decoding not in DECODINGS:
+        raise CheckpointError(f"{Path(directory) / META_FILE}: decoding must be one of {list(DECODINGS)}, "
+                              f"got {decoding!r}")
+    return decoding
 
 
 def load_weights(model: paddle.nn.Layer, path) -> None:

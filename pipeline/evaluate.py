@@ -6,6 +6,8 @@
 Prints entity-level precision, recall and F1 (overall and per type) as JSON; the
 numbers are those ``train_dist.py`` reports for the same model and file, since
 both run ``pipeline.evaluation.evaluate`` (the library) over the same ``TokenLabeller``.
+``--decoding argmax|constrained`` overrides the decoding the checkpoint records, to
+compare the two on one model.
 This module only wires the reader, the predictor and that function together.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from .config import DATA_FORMATS, TAG_SCHEMES
 from .cpu_env import apply_cpu_settings
+from .decoding import DECODINGS
 from .prediction_io import output_problem
 from .predictor import ENGINES, Predictor
 
@@ -32,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_examples", type=int, default=0, help="only the first N sentences (0: all)")
     parser.add_argument("--predictions", help="also write every sentence's tokens, gold and predicted labels here")
     parser.add_argument("--engine", default="dynamic", choices=ENGINES)
+    parser.add_argument("--decoding", default=None, choices=DECODINGS,
+                        help="override the decoding the checkpoint records (constrained: valid BIO; argmax)")
     return parser
 
 
@@ -52,7 +57,8 @@ def main(argv=None) -> int:
 
     try:
         examples, _ = read_examples(args.file, args.data_format, args.tag_scheme)
-        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size, engine=args.engine)
+        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size, engine=args.engine,
+                                              decoding=args.decoding)
         labeller = predictor.labeller
         check_labels(examples, labeller.labels)
     except (DataError, CheckpointError) as error:
@@ -64,7 +70,8 @@ def main(argv=None) -> int:
     summary = counts.summary()
     if args.predictions:
         write_predictions(args.predictions, examples, predictions)
-    print(json.dumps({"checkpoint": args.checkpoint, "file": args.file, "sentences": len(examples), **summary}))
+    print(json.dumps({"checkpoint": args.checkpoint, "file": args.file, "sentences": len(examples),
+                      "decoding": labeller.decoding, **summary}))
     return 0
 
 

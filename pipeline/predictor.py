@@ -64,7 +64,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, directory, batch_size: int = 32, max_seq_len: int | None = None,
                         use_gpu: bool = False, engine: str = "auto", inference_dir=None,
-                        static_options: dict | None = None) -> "Predictor":
+                        static_options: dict | None = None, decoding: str | None = None) -> "Predictor":
         """Load tokenizer, label map and a model from ``directory`` (e.g. ``.../best_model``).
 
         ``engine``: ``"dynamic"`` runs the checkpoint's weights in the dynamic graph;
@@ -74,17 +74,24 @@ class Predictor:
         is found and current, else warns and runs the dynamic graph. The static
         model is looked for in ``inference_dir`` if given, else in
         ``directory/inference`` and then ``directory/../inference``. ``static_options``
-        (``onednn``, ``ir_optim``, ``threads``...) go to ``StaticEngine``.
+        (``onednn``, ``ir_optim``, ``threads``...) go to ``StaticEngine``. ``decoding``
+        (``constrained`` or ``argmax``) overrides the one the checkpoint records.
         """
         import paddle
 
-        from .checkpoint import CheckpointError, load_crf_transitions, load_inference_bundle, load_tokenizer_and_meta
+        from .checkpoint import (CheckpointError, load_crf_transitions, load_inference_bundle, load_tokenizer_and_meta,
+                                 read_meta, saved_decoding)
+        from .decoding import DECODINGS
         from .alignment import Aligner
         from .engines import DynamicEngine, StaticEngine
         from .labeller import TokenLabeller
 
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if decoding is not None and decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+        # Read before any model is built: a bad recorded value fails at once.
+        decoding = decoding or saved_decoding(directory, read_meta(directory))
         paddle.set_device("gpu" if use_gpu else "cpu")
         static_dir = None
         if engine != "dynamic":
@@ -104,7 +111,7 @@ class Predictor:
             runner, tokenizer = DynamicEngine(bundle.model), bundle.tokenizer
             labels, text_unit, trained_len = bundle.labels, bundle.text_unit, bundle.max_seq_len
         aligner = Aligner(tokenizer, max_seq_len or trained_len)
-        return cls(TokenLabeller(runner, aligner, labels, batch_size), text_unit)
+        return cls(TokenLabeller(runner, aligner, labels, batch_size, decoding=decoding), text_unit)
 
     @property
     def engine_name(self) -> str:
