@@ -85,6 +85,7 @@ def save_model_checkpoint(directory, model, tokenizer, config: TrainConfig, labe
             "tokenizer_class": type(tokenizer).__name__,
             "model_class": type(model).__name__,
             "base_model": config.model,
+            "decoding": config.decoding,
         })
         save_config(config, temporary / TRAIN_CONFIG_FILE)
         write_json(temporary / METRICS_FILE, metrics or {})
@@ -139,6 +140,18 @@ def load_char_mapping(directory) -> dict[str, str]:
         return check_char_mapping(read_json_object(path, CheckpointError, _DAMAGED), path)
     except ValueError as error:
         raise CheckpointError(f"{error}; {_DAMAGED}") from None
+
+
+def saved_decoding(directory, meta: dict) -> str:
+    """The decoding a checkpoint was selected with; ``constrained`` for checkpoints written before
+    ``decoding`` existed (their argmax labels could be invalid BIO; the constrained ones never are)."""
+    from .decoding import DECODINGS
+
+    decoding = meta.get("decoding", "constrained")
+    if decoding not in DECODINGS:
+        raise CheckpointError(f"{Path(directory) / META_FILE}: decoding must be one of {list(DECODINGS)}, "
+                              f"got {decoding!r}")
+    return decoding
 
 
 def load_weights(model: paddle.nn.Layer, path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .decoding import DECODINGS
 from .labels import SCHEMES
 from .metrics import SCORE_KEYS
 
@@ -58,6 +59,10 @@ class TrainConfig:
     )
     head: str = _doc("Token-classification head: 'linear' (softmax per token) or 'crf' (a linear-chain CRF "
                      "over the tokens on top of the linear layer; Viterbi decoding).", "linear")
+    decoding: str = _doc(
+        "How per-token scores become labels in evaluation and prediction: 'constrained' (Viterbi over the "
+        "log-probabilities, or the CRF's scores, with the moves strict BIO forbids removed: predictions are always "
+        "valid BIO) or 'argmax' (per token, or the CRF's Viterbi alone). Recorded in the checkpoint.", "constrained")
     text_unit: str = _doc("'char': one label per character (Chinese); 'word': per whitespace word.", "char")
     lower_case: typing.Optional[bool] = _doc("Lower-case text before tokenising; default: the tokenizer's own.", None)
     char_mapping: str = _doc(
@@ -150,6 +155,7 @@ class TrainConfig:
             "data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "text_unit": TEXT_UNITS, "head": HEADS,
             "use_gpu": USE_GPU_CHOICES,
             "char_mapping": CHAR_MAPPINGS,
+            "decoding": DECODINGS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -8,6 +8,8 @@ strict IOB2 under ``strict_`` keys) as JSON; the
 numbers are those ``train_dist.py`` reports for the same model and file, since
 both run ``pipeline.evaluation.evaluate`` (the library) over the same ``TokenLabeller``.
 ``--report DIR`` also writes the error analysis of ``pipeline.error_analysis`` there (JSON, markdown, PNG).
+``--decoding argmax|constrained`` overrides the decoding the checkpoint records, to
+compare the two on one model.
 This module only wires the reader, the predictor and those functions together.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from .config import DATA_FORMATS, TAG_SCHEMES
 from .device import DeviceError, add_device_arguments, prepare_process, use_gpu_of
+from .decoding import DECODINGS
 from .prediction_io import output_problem
 from .predictor import ENGINES, Predictor
 
@@ -37,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(parser)
     parser.add_argument("--report", metavar="DIR", help="also write scores per type, entity errors by kind, the "
                         "most frequent mistakes with a sentence each (JSON and markdown) and a PNG into DIR")
+    parser.add_argument("--decoding", default=None, choices=DECODINGS,
+                        help="override the decoding the checkpoint records (constrained: valid BIO; argmax)")
     return parser
 
 
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
         device = set_device(device)
         examples, _ = read_examples(args.file, args.data_format, args.tag_scheme)
         predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size, engine=args.engine,
-                                              use_gpu=device.is_gpu)
+                                              use_gpu=device.is_gpu, decoding=args.decoding)
         labeller = predictor.labeller
         check_labels(examples, labeller.labels)
     except (DeviceError, DataError, CheckpointError) as error:
@@ -85,7 +90,8 @@ def main(argv=None) -> int:
         analysis = analyse(examples, predictions, entity_types(labeller.labels), separator)
         written = write_report(args.report, analysis, f"{args.file} ({len(examples)} sentences)")
         print(f"error analysis: {', '.join(map(str, written))}", file=sys.stderr)
-    print(json.dumps({"checkpoint": args.checkpoint, "file": args.file, "sentences": len(examples), **summary}))
+    print(json.dumps({"checkpoint": args.checkpoint, "file": args.file, "sentences": len(examples),
+                      "decoding": labeller.decoding, **summary}))
     return 0
 
 

@@ -7,6 +7,8 @@ softmax loss (``IGNORE_INDEX``). It is attached to the PaddleNLP model as
 ``model.crf``, so the encoder's and the linear layer's weight names do not
 change and the checkpoint stays one ``model.pdparams``; ``config.json``
 records ``ner_head: crf`` so that a checkpoint rebuilds its own head.
+Decoding (Viterbi over the learnt transitions, with the moves strict BIO forbids
+removed) is ``pipeline.decoding``'s, the same code as the linear head's.
 """
 from __future__ import annotations
 
@@ -67,36 +69,3 @@ def token_loss(model, logits, label_ids):
 def transitions_of(model) -> np.ndarray | None:
     """The CRF's transition scores ``[previous, next]``, or None for the linear head."""
     return model.crf.transitions.numpy().astype("float32") if head_of(model) == "crf" else None
-
-
-# Viterbi is hand-written, not PaddleNLP's ViterbiDecoder: decoding runs on numpy logits after either
-# engine, the static Paddle Inference one included (its exported program ends at the emissions; the
-# transitions come from the checkpoint), and only over each token's first piece, which decode_window
-# picks per window. The same numpy code for both engines is what makes their labels identical.
-def viterbi(emissions: np.ndarray, transitions: np.ndarray) -> np.ndarray:
-    """Best label sequence under emission scores ``[T, L]`` and transitions ``[previous, next]``."""
-    steps = emissions.shape[0]
-    if steps == 0:
-        return np.zeros(0, dtype=np.int64)
-    score = emissions[0].astype(np.float64)
-    back = np.zeros((steps, emissions.shape[1]), dtype=np.int64)
-    for t in range(1, steps):
-        candidates = score[:, None] + transitions  # [previous, next]
-        back[t] = candidates.argmax(axis=0)
-        score = candidates.max(axis=0) + emissions[t]
-    path = np.empty(steps, dtype=np.int64)
-    path[-1] = int(score.argmax())
-    for t in range(steps - 1, 0, -1):
-        path[t - 1] = back[t, path[t]]
-    return path
-
-
-def decode_window(logits: np.ndarray, first_positions, transitions: np.ndarray | None) -> np.ndarray:
-    """Label id per position of one window: argmax, or Viterbi over the tokens' first pieces."""
-    ids = logits.argmax(axis=-1)
-    if transitions is None:
-        return ids
-    positions = [p for p in first_positions if p >= 0]
-    if positions:
-        ids[positions] = viterbi(logits[positions], transitions)
-    return ids

@@ -79,7 +79,8 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, directory, batch_size: int = 32, max_seq_len: int | None = None,
                         use_gpu: bool = False, engine: str = "auto", inference_dir=None,
-                        static_options: dict | None = None, precision: str = "fp32") -> "Predictor":
+                        static_options: dict | None = None, precision: str = "fp32",
+                        decoding: str | None = None) -> "Predictor":
         """Load tokenizer, label map and a model from ``directory`` (e.g. ``.../best_model``).
 
         ``engine``: ``"dynamic"`` runs the checkpoint's weights in the dynamic graph;
@@ -91,11 +92,13 @@ class Predictor:
         ``directory/inference`` and then ``directory/../inference``. ``static_options``
         (``onednn``, ``ir_optim``, ``threads``...) go to ``StaticEngine``. ``precision``: one of
         ``PRECISIONS`` for the device (``use_gpu``); other than the default, only with the static engine.
+        ``decoding`` (``constrained`` or ``argmax``) overrides the one the checkpoint records.
         """
         import paddle
 
         from .checkpoint import (CheckpointError, load_char_mapping, load_crf_transitions, load_inference_bundle,
-                                 load_tokenizer_and_meta)
+                                 load_tokenizer_and_meta, read_meta, saved_decoding)
+        from .decoding import DECODINGS
         from .alignment import Aligner
         from .engines import DynamicEngine, StaticEngine
         from .labeller import TokenLabeller
@@ -105,6 +108,10 @@ class Predictor:
         problem = precision_problem(precision, "gpu" if use_gpu else "cpu", engine)
         if problem:
             raise ValueError(problem)
+        if decoding is not None and decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+        # Read before any model is built: a bad recorded value fails at once.
+        decoding = decoding or saved_decoding(directory, read_meta(directory))
         paddle.set_device("gpu" if use_gpu else "cpu")
         static_dir = None
         if engine != "dynamic":
@@ -125,7 +132,7 @@ class Predictor:
             labels, text_unit, trained_len = bundle.labels, bundle.text_unit, bundle.max_seq_len
         # The mapping saved at training time, not one derived anew: the model must see what it was trained on.
         aligner = Aligner(tokenizer, max_seq_len or trained_len, load_char_mapping(directory))
-        return cls(TokenLabeller(runner, aligner, labels, batch_size), text_unit)
+        return cls(TokenLabeller(runner, aligner, labels, batch_size, decoding=decoding), text_unit)
 
     @property
     def engine_name(self) -> str:

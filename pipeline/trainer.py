@@ -368,7 +368,7 @@ class Trainer:
     def labeller(self) -> TokenLabeller:
         """The evaluation engine over the bare model, under the training AMP policy."""
         return TokenLabeller(DynamicEngine(self.model, autocast=self.amp.autocast), self.aligner, self.labels,
-                             self.config.eval_batch_size)
+                             self.config.eval_batch_size, decoding=self.config.decoding)
 
     def evaluate_split(self, examples, name: str) -> dict:
         """Exact P/R/F1 summary on a split (collective: every rank calls it)."""

@@ -27,6 +27,7 @@ def test_defaults_then_file_then_overrides(tmp_path):
     ("use_gpu=maybe", "use_gpu must be one of ['auto', 'true', 'false']"),
     ("compare_metrics=accuracy", "compare_metrics must be one of"),
     ("amp_level=O3", "amp_level must be one of"),
+    ("decoding=viterbi", "decoding must be one of ['constrained', 'argmax'], got 'viterbi'"),
     ("warmup_ratio=1.5", "warmup_ratio must be in [0, 1)"),
     ("learning_rate=0", "learning_rate must be > 0"),
     ("labels=[B-X, I-X]", "labels must contain 'O'"),

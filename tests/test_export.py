@@ -15,7 +15,7 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import TrainConfig
 from pipeline.engines import StaticEngine
 from pipeline.export import main as export_main
-from pipeline.labels import MSRA_LABELS
+from pipeline.labels import MSRA_LABELS, to_bio
 from pipeline.predictor import Predictor, StaticModelWarning
 from pipeline.static_export import EXPORT_META_FILE, export_inference_model, model_files
 
@@ -74,6 +74,12 @@ def test_static_and_dynamic_give_identical_labels(checkpoint_dir, exported):
     assert labels_of(static) == expected
     assert len(set(label for labels in expected for label in labels)) > 2, "labels too uniform to compare"
     assert expected[1] == [] and all(label == "O" for label in expected[2])
+    # Constrained decoding (the default) in both engines: valid strict BIO, while argmax is not, and
+    # argmax too gives the same labels in both.
+    assert all(to_bio(labels, "bio")[1].opened_span_repaired == 0 for labels in expected)
+    argmax = labels_of(Predictor.from_checkpoint(checkpoint_dir, batch_size=3, engine="dynamic", decoding="argmax"))
+    assert labels_of(Predictor.from_checkpoint(checkpoint_dir, batch_size=3, engine="static", decoding="argmax")) == argmax
+    assert sum(to_bio(labels, "bio")[1].opened_span_repaired for labels in argmax) > 0
     # Every Paddle Inference option combination, and other batch sizes, label the same.
     for onednn in (False, True):
         for ir_optim in (False, True):
@@ -163,8 +169,10 @@ def test_predict_cli_engine_flags(checkpoint_dir, exported, tmp_path, monkeypatc
 
 
 def test_crf_checkpoint_decodes_with_viterbi_in_both_engines(tiny_model_dir, tmp_path):
-    """A CRF checkpoint rebuilds its head; its transitions (here: forbidding O -> I-X and any
-    B-X/I-X -> I-Y of another type) shape the labels, identically in the dynamic and static engines."""
+    """A CRF checkpoint rebuilds its head; its learnt transitions shape the labels, identically in the
+    dynamic and static engines; constrained decoding (the default) keeps them valid BIO, which the
+    transitions alone (decoding argmax) do not."""
+    import numpy as np
     from paddlenlp.transformers import BertTokenizer
 
     from pipeline.checkpoint import save_model_checkpoint
@@ -174,26 +182,21 @@ def test_crf_checkpoint_decodes_with_viterbi_in_both_engines(tiny_model_dir, tmp
     paddle.seed(3)
     model = build_token_classifier(resolve_model(str(tiny_model_dir)), MSRA_LABELS, head="crf")
     model.classifier.weight.set_value(paddle.randn(model.classifier.weight.shape) * 3)
-    forbidden = [[0.0] * len(MSRA_LABELS) for _ in MSRA_LABELS]
-    for previous, before in enumerate(MSRA_LABELS):
-        for following, after in enumerate(MSRA_LABELS):
-            if after.startswith("I-") and (before == "O" or before[2:] != after[2:]):
-                forbidden[previous][following] = -1e4
-    model.crf.transitions.set_value(paddle.to_tensor(forbidden, dtype="float32"))
+    model.crf.transitions.set_value(paddle.randn([len(MSRA_LABELS)] * 2) * 2)
     directory = tmp_path / "best_model"
     save_model_checkpoint(directory, model, tokenizer, TrainConfig(model=str(tiny_model_dir), max_seq_len=32,
                                                                    head="crf"), MSRA_LABELS)
-    dynamic = labels_of(Predictor.from_checkpoint(directory, engine="dynamic"))
-    for labels in dynamic:
-        for before, after in zip(labels, labels[1:]):
-            assert not (after.startswith("I-") and (before == "O" or before[2:] != after[2:])), labels
     export_inference_model(directory, directory / "inference")
-    static = Predictor.from_checkpoint(directory, engine="static")
-    assert static.engine_name == "static" and labels_of(static) == dynamic
-    # Without the CRF (argmax) the same emissions do break the constraint somewhere: the test has teeth.
-    import numpy as np
-
+    decoded = {}
+    for decoding in ("constrained", "argmax"):
+        dynamic = labels_of(Predictor.from_checkpoint(directory, engine="dynamic", decoding=decoding))
+        static = Predictor.from_checkpoint(directory, engine="static", decoding=decoding)
+        assert static.engine_name == "static" and labels_of(static) == dynamic, decoding
+        decoded[decoding] = dynamic
+    assert all(to_bio(labels, "bio")[1].opened_span_repaired == 0 for labels in decoded["constrained"])
+    assert sum(to_bio(labels, "bio")[1].opened_span_repaired for labels in decoded["argmax"]) > 0
+    # Without its transitions the same emissions decode differently: the CRF's are used.
     bare = Predictor.from_checkpoint(directory, engine="dynamic")
     bare.labeller.engine.transitions = lambda: None
-    assert labels_of(bare) != dynamic
+    assert labels_of(bare) != decoded["constrained"]
     assert np.isfinite(model.crf.transitions.numpy()).all()

@@ -8,7 +8,8 @@ import paddle
 import pytest
 
 from pipeline.labels import IGNORE_INDEX
-from pipeline.heads import _first_pieces, attach_crf, decode_window, token_loss, viterbi
+from pipeline.decoding import viterbi
+from pipeline.heads import _first_pieces, attach_crf, token_loss
 
 
 def brute_force(emissions, transitions):
@@ -68,13 +69,3 @@ def test_crf_loss_is_paddlenlps_on_the_first_pieces_only():
     shifted[0, [0, 2, 4]] += 100
     np.testing.assert_allclose(float(token_loss(model, paddle.to_tensor(shifted), labels)),
                                float(expected.mean()), rtol=1e-5)
-
-
-def test_decode_window_runs_viterbi_over_first_pieces_only():
-    rng = np.random.default_rng(1)
-    logits = rng.normal(size=(6, 3)).astype("float32")
-    transitions = np.full((3, 3), -50.0, dtype="float32")
-    np.fill_diagonal(transitions, 0.0)  # only staying in the same label is allowed
-    ids = decode_window(logits.copy(), [1, -1, 2, 4], transitions)
-    assert len(set(ids[[1, 2, 4]].tolist())) == 1
-    assert decode_window(logits.copy(), [1, 2], None).tolist() == logits.argmax(-1).tolist()

@@ -260,6 +260,7 @@ def test_cli_choices_are_the_owning_modules_lists():
     import predict
     from pipeline import evaluate
     from pipeline.config import DATA_FORMATS, TAG_SCHEMES
+    from pipeline.decoding import DECODINGS
     from pipeline.prediction_io import INPUT_FORMATS
     from pipeline.device import DEVICE_FLAGS
     from pipeline.predictor import ALL_PRECISIONS, ENGINES
@@ -273,9 +274,10 @@ def test_cli_choices_are_the_owning_modules_lists():
     assert choices(predict.build_parser())["input_format"] is INPUT_FORMATS
     evaluate_choices = choices(evaluate.build_parser())
     assert evaluate_choices == {"data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "engine": ENGINES,
-                                "device": DEVICE_FLAGS}
+                                "device": DEVICE_FLAGS,
+                                "decoding": DECODINGS}
     assert (evaluate_choices["data_format"] is DATA_FORMATS and evaluate_choices["tag_scheme"] is TAG_SCHEMES
-            and evaluate_choices["engine"] is ENGINES)
+            and evaluate_choices["engine"] is ENGINES and evaluate_choices["decoding"] is DECODINGS)
 
 
 def test_the_clis_import_their_choices_without_paddle():
