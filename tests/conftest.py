@@ -14,24 +14,13 @@ os.environ.setdefault("FLAGS_paddle_num_threads", "1")
 # The shared assertion helpers report failures as the tests' own asserts do.
 pytest.register_assert_rewrite("helpers")
 
-from helpers import tiny_vocab, write_synthetic_splits  # noqa: E402
+from helpers import tiny_vocab, write_synthetic_splits, write_tiny_bert  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT in Paddle layout with its vocab.txt."""
-    import paddle
-    from paddlenlp.transformers import BertConfig, BertModel, BertTokenizer
-
-    directory = tmp_path_factory.mktemp("tiny_bert")
-    vocab = tiny_vocab()
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    paddle.seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
-    BertModel(config).save_pretrained(str(directory))
-    BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(str(directory))
-    return directory
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), tiny_vocab(), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,20 @@ def tiny_vocab() -> list[str]:
     return SPECIAL_TOKENS + list(chars) + ["##" + c for c in "0123456789abcdefghijklmnopqrstuvwxyz"]
 
 
+def write_tiny_bert(directory: Path, vocab: list[str], seed: int) -> Path:
+    """A 2-layer, 32-wide random BERT over ``vocab`` in Paddle layout, with its vocab.txt, in ``directory``."""
+    import paddle
+    from paddlenlp.transformers import BertConfig, BertModel, BertTokenizer
+
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    paddle.seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    BertModel(config).save_pretrained(str(directory))
+    BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(str(directory))
+    return directory
+
+
 def synthetic_sentence(rng: random.Random) -> tuple[list[str], list[str]]:
     """A short sentence of filler and entities, tagged in BIO per character."""
     chars, tags = [], []

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT, clean_env, make_trainer, tiny_vocab, write_synthetic_splits
+from helpers import ROOT, clean_env, make_trainer, tiny_vocab, write_synthetic_splits, write_tiny_bert
 from pipeline.alignment import Aligner
 from pipeline.char_mapping import build_char_mapping
 from pipeline.config import ConfigError, TrainConfig
@@ -65,17 +65,7 @@ def test_mapped_characters_keep_one_position_each_and_their_labels(tmp_path):
 @pytest.fixture(scope="module")
 def quote_model_dir(tmp_path_factory):
     """A tiny random BERT over ``QUOTE_VOCAB``."""
-    import paddle
-    from paddlenlp.transformers import BertConfig, BertModel, BertTokenizer
-
-    directory = tmp_path_factory.mktemp("quote_bert")
-    (directory / "vocab.txt").write_text("\n".join(QUOTE_VOCAB) + "\n", encoding="utf-8")
-    paddle.seed(3)
-    config = BertConfig(vocab_size=len(QUOTE_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
-    BertModel(config).save_pretrained(str(directory))
-    BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(str(directory))
-    return directory
+    return write_tiny_bert(tmp_path_factory.mktemp("quote_bert"), QUOTE_VOCAB, seed=3)
 
 
 @pytest.fixture(scope="module")
