@@ -242,7 +242,7 @@ class ResumableLineFile:
             raise ResumeRefused(f"{self.progress} does not describe {done}")
         differing = [key for key in sorted(set(stored) | set(self.identity)) if stored.get(key) != self.identity.get(key)]
         if differing:
-            raise ResumeRefused(f"{done} was started from a different {', '.join(differing)}: "
+            raise ResumeRefused(f"{done} was made with other {', '.join(differing)} than this run's: "
                                 f"{'; '.join(_difference(stored.get(k), self.identity.get(k)) for k in differing)}")
         size = self.partial.stat().st_size
         if size < int(record["bytes"]):
