@@ -253,12 +253,22 @@ def test_a_two_rank_launch_writes_what_one_process_writes(checkpoint_dir, corpus
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "out.jsonl"]
 
 
+def kill_every_process_of(job: subprocess.Popen) -> None:
+    """SIGKILL the job and all its descendants at once: the launcher puts each worker in a session of its
+    own (setsid), so a process group kill would miss them."""
+    import psutil
+
+    launcher = psutil.Process(job.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:
+        process.send_signal(signal.SIGKILL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, how", [(1, signal.SIGKILL), (1, signal.SIGTERM), (2, signal.SIGKILL),
                                         (2, signal.SIGTERM)])
 def test_a_run_killed_mid_way_and_rerun_writes_what_an_uninterrupted_run_writes(checkpoint_dir, corpus, tmp_path,
                                                                                  ranks, how):
-    """SIGKILL: the process (one process) or the whole process group (the launch, as a scheduler or a lost
+    """SIGKILL: the process (one process) or every process of the launch at once (as a scheduler or a lost
     node ends it). SIGTERM: the process (one process, which reports how far it got) or the launcher,
     which stops its workers. The same command then continues after the last complete chunk."""
     import psutil
@@ -267,7 +277,7 @@ def test_a_run_killed_mid_way_and_rerun_writes_what_an_uninterrupted_run_writes(
     out = tmp_path / "out.jsonl"
     command = predict_command(checkpoint_dir, source, out, ranks, tmp_path / "logs-killed")
     job = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
+                           text=True)
     try:
         deadline = time.monotonic() + 300
         while committed_lines(out) < 200:  # well under way, far from the end
@@ -275,13 +285,13 @@ def test_a_run_killed_mid_way_and_rerun_writes_what_an_uninterrupted_run_writes(
             assert time.monotonic() < deadline, "prediction never started"
             time.sleep(0.05)
         if how == signal.SIGKILL and ranks > 1:
-            os.killpg(job.pid, signal.SIGKILL)
+            kill_every_process_of(job)
         else:
             os.kill(job.pid, how)
         _, err = job.communicate(timeout=120)
     finally:
         if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+            kill_every_process_of(job)
     deadline = time.monotonic() + 60  # the launcher's workers end with it
     while any(str(out) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
         assert time.monotonic() < deadline, "a prediction process outlived the kill"
