@@ -223,7 +223,9 @@ def predict_on_main_process(args, run, predictor) -> int:
         report = predict_file(predictor, run, chunk_lines=args.chunk_lines * args.workers * dist.get_world_size(),
                               progress=progress.update)
     except WorkerDied as error:
-        print(f"error: {error}", file=sys.stderr)
+        unfinished = (f"; {run.output.partial} is unfinished: rerun the same command to continue after line "
+                      f"{run.output.lines}") if run.output else "; the output is incomplete"
+        print(f"error: {error}{unfinished}", file=sys.stderr)
         return 1  # a resource failure, worth retrying (unlike 2, bad input)
     except (Interrupted, KeyboardInterrupt) as error:
         print(f"interrupted ({error or 'SIGINT'}): {run.output.lines if run.output else '?'} line(s) done"

@@ -130,7 +130,7 @@ class ParallelPredictor:
         culprits = {pid: code for pid, code in ended.items() if code != -signal.SIGTERM} or ended
         named = ", ".join(f"pid {pid} ({_how_it_ended(code)})" for pid, code in sorted(culprits.items()))
         return (f"a prediction worker process died while predicting: {named or 'unknown pid'}; "
-                f"out of memory? Try fewer --workers or a smaller --batch_size. The output is incomplete.")
+                f"out of memory? Try fewer --workers or a smaller --batch_size")
 
     def start(self) -> None:
         """Load the model in every worker now (else on first use); loading errors are raised here."""
