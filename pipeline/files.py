@@ -8,6 +8,10 @@ directory), so a process killed between the two renames leaves only the old copy
 under its aside name; ``restore_interrupted_replacements`` puts it back. The
 sibling names are made and parsed only in this module.
 
+``ResumableLineFile`` is the third mechanism, for a large file of lines written over a long
+time (``predict.py``'s output): appended and committed a chunk at a time under ``TARGET.partial``,
+continued after a kill, renamed to ``TARGET`` when complete.
+
 Atomic also means durable: the new files are fsynced before the rename that
 publishes them, and the parent directory after it, so a power loss leaves the
 old version or the complete new one, never a name pointing at unwritten data.

@@ -1,4 +1,4 @@
-"""Batch prediction in several processes, each with its share of the CPU cores.
+"""Batch prediction in several processes: a pool of CPU workers, or the ranks of the launcher.
 
 On CPU, Paddle runs matrix products on all the threads it is given but most
 other kernels (layer norm, softmax, GELU, additions) on one, and the matrices of
@@ -7,6 +7,9 @@ idle for much of a batch. N processes with cores/N threads each keep them busy
 (measured in BENCHMARKS.md). Each worker loads the predictor once, in its own
 process, from the same checkpoint; texts are split into contiguous shards of
 about equal length and the results come back in input order.
+
+``RankPredictor`` is the other way to use several processes (or GPUs, or nodes): the ranks of
+``paddle.distributed.launch``, each a whole process with its share of the cores or its own card.
 
 This module must not import Paddle at the top: a worker sets its thread
 variables first (pipeline.cpu_env), then imports it.
