@@ -108,7 +108,9 @@ def prepare_run(args):
     if problem:
         raise ValueError(problem)
     read_meta(args.checkpoint)  # a missing or damaged checkpoint is named as such, before its fingerprint
-    settings = {"input_format": resolve_input_format(args.input_format, args.input), "max_seq_len": args.max_seq_len, "precision": args.precision}
+    # What changes the output lines (--batch_size, --engine, --workers and the ranks do not).
+    settings = {"input_format": resolve_input_format(args.input_format, args.input),
+                "max_seq_len": args.max_seq_len, "precision": args.precision}
     identity = prediction_identity(args.input, args.checkpoint, settings) if args.output != STDIO else None
     return start_prediction(args.input, args.output, args.input_format, identity, args.overwrite)
 
