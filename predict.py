@@ -15,11 +15,13 @@ other lines are predicted as usual and the exit status stays 0.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 from pipeline.device import DeviceError, add_device_arguments, prepare_process, use_gpu_of
-from pipeline.prediction_io import CHUNK_LINES, INPUT_FORMATS, STDIO, output_problem, predict_file
+from pipeline.prediction_io import (CHUNK_LINES, INPUT_FORMATS, STDIO, count_lines, output_problem, predict_file,
+                                    prediction_identity, resolve_input_format, start_prediction)
 from pipeline.predict_workers import WorkerDied
 from pipeline.predictor import ALL_PRECISIONS, ENGINES, PRECISIONS, Predictor, precision_problem
 
@@ -45,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1,
                         help="prediction processes, each with cores/N CPU threads and its own copy of the model "
                              "(default 1; on CPU 2+ keeps all cores busy, see BENCHMARKS.md)")
+    parser.add_argument("--chunk_lines", type=int, default=CHUNK_LINES,
+                        help=f"lines read, predicted and committed to the output at a time, per process (default "
+                             f"{CHUNK_LINES}); an interrupted run redoes at most one chunk")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start anew over an unfinished OUTPUT.partial, even one made from another input, "
+                             "checkpoint or settings (without it such an output is refused)")
     parser.add_argument("--inference_dir", default=None,
                         help="where the exported static model is (default: CHECKPOINT/inference, then "
                              "CHECKPOINT/../inference)")
@@ -58,6 +66,8 @@ def parse_args(argv=None):
         parser.error("--batch_size must be >= 1")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.chunk_lines < 1:
+        parser.error("--chunk_lines must be >= 1")
     try:
         args.use_gpu = use_gpu_of(args)
     except DeviceError as error:
@@ -75,6 +85,62 @@ def parse_args(argv=None):
     return args
 
 
+def launch_problem(args, world_size: int) -> str | None:
+    """Why these flags cannot run under ``paddle.distributed.launch`` with ``world_size`` ranks, or None."""
+    if world_size == 1:
+        return None
+    if args.workers > 1:
+        # Each rank already has its share of the cores (pipeline.cpu_env); workers inside ranks would oversubscribe.
+        return (f"--workers {args.workers} under paddle.distributed.launch: the launcher's ranks already are the "
+                f"prediction processes; use --nproc_per_node N (CPU) or --gpus instead of --workers")
+    if STDIO in (args.input, args.output):
+        return "under paddle.distributed.launch --input and --output must be files, not - (standard input/output)"
+    return None
+
+
+def prepare_run(args):
+    """Rank 0's checks before any model is loaded: the input, the output, the checkpoint, an unfinished output."""
+    from pipeline.checkpoint import read_meta
+
+    if args.input != STDIO and not Path(args.input).is_file():
+        raise ValueError(f"input file {args.input} does not exist")
+    problem = output_problem(args.input, args.output)
+    if problem:
+        raise ValueError(problem)
+    read_meta(args.checkpoint)  # a missing or damaged checkpoint is named as such, before its fingerprint
+    # What changes the output lines (--batch_size, --engine, --workers and the ranks do not).
+    settings = {"input_format": resolve_input_format(args.input_format, args.input),
+                "max_seq_len": args.max_seq_len, "precision": args.precision}
+    identity = prediction_identity(args.input, args.checkpoint, settings) if args.output != STDIO else None
+    return start_prediction(args.input, args.output, args.input_format, identity, args.overwrite)
+
+
+def load_predictor(args, device):
+    """This process's predictor (every worker of --workers started), or raise CheckpointError."""
+    options = dict(directory=args.checkpoint, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                   use_gpu=device.is_gpu, engine=args.engine, inference_dir=args.inference_dir,
+                   precision=args.precision)
+    if args.workers == 1:
+        return Predictor.from_checkpoint(**options)
+    from pipeline.predict_workers import ParallelPredictor
+
+    predictor = ParallelPredictor(args.workers, **options)
+    try:
+        predictor.start()  # every worker loads the model now: a bad checkpoint fails before any input is read
+    except BaseException:
+        predictor.close()
+        raise
+    return predictor
+
+
+class Interrupted(Exception):
+    """SIGTERM (as a scheduler sends before a kill) turned into an exception, so the output is left resumable."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -82,15 +148,12 @@ def main(argv=None) -> int:
     except (DeviceError, ValueError) as error:  # no GPU for --device gpu, a bad NERPIPE_MALLOC
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from tqdm import tqdm
-
+    from pipeline import dist
     from pipeline.checkpoint import CheckpointError
+    from pipeline.files import ResumeRefused
     from pipeline.runtime import set_device
 
-    if args.input != STDIO and not Path(args.input).is_file():
-        print(f"error: input file {args.input} does not exist", file=sys.stderr)
-        return 2
-    problem = output_problem(args.input, args.output)
+    problem = launch_problem(args, dist.launched_world_size())
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -102,39 +165,84 @@ def main(argv=None) -> int:
     except DeviceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"device: {device.kind} ({device.reason})", file=sys.stderr)
-    options = dict(directory=args.checkpoint, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-                   use_gpu=device.is_gpu, engine=args.engine, inference_dir=args.inference_dir,
-                   precision=args.precision)
+    dist.init_distributed(device.is_gpu)
+    main_process = dist.is_main_process()
+    run = None
+    if main_process:  # only rank 0 reads the input and writes the output: other nodes need neither
+        try:
+            run = prepare_run(args)
+        except (ValueError, OSError, CheckpointError) as error:  # ResumeRefused is a ValueError
+            problem = str(error)
+            if isinstance(error, ResumeRefused):
+                problem += "; rerun with --overwrite to start over"
+    problem = dist.broadcast_object(problem)  # every rank stops on rank 0's refusal
+    if problem:
+        if main_process:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if main_process:
+        print(f"device: {device.kind} ({device.reason})", file=sys.stderr)
     predictor = None
     try:
-        if args.workers > 1:
-            from pipeline.predict_workers import ParallelPredictor
-
-            predictor = ParallelPredictor(args.workers, **options)
-            predictor.start()  # every worker loads the model now: a bad checkpoint fails before any input is read
-        else:
-            predictor = Predictor.from_checkpoint(**options)
+        predictor = load_predictor(args, device)
     except CheckpointError as error:
-        if predictor is not None and args.workers > 1:
-            predictor.close()
-        print(f"error: {error}", file=sys.stderr)
+        problem = f"error: {error}" + (f" (rank {dist.get_rank()})" if dist.get_world_size() > 1 else "")
+    problems = [p for p in dist.all_gather_objects(problem) if p]  # a checkpoint one node lacks stops every rank
+    if problems:
+        if main_process:
+            print(problems[0], file=sys.stderr)
         return 2
+    if dist.get_world_size() > 1:
+        from pipeline.predict_workers import RankPredictor
 
-    progress = tqdm(desc="predict", unit="line", disable=args.output == STDIO, mininterval=2)
+        predictor = RankPredictor(predictor)
+        if not main_process:
+            predictor.serve()
+            dist.shutdown()
+            return 0
+    return predict_on_main_process(args, run, predictor)
+
+
+def predict_on_main_process(args, run, predictor) -> int:
+    """Rank 0 (or the only process): predict the input into the output with a progress bar; the summary."""
+    from tqdm import tqdm
+
+    from pipeline import dist
+
+    if run.done:
+        print(f"continuing {run.output.partial} after its line {run.done} "
+              f"(--overwrite starts over)", file=sys.stderr)
+    total = count_lines(args.input) if args.input != STDIO else None  # one cheap pass: the bar's ETA
+    progress = tqdm(desc="predict", unit="line", total=total, initial=run.done, disable=args.output == STDIO,
+                    mininterval=2, dynamic_ncols=True)
+    # Under the launcher SIGTERM keeps its default (the process ends at once, the output stays resumable):
+    # an exception in rank 0 would leave the other ranks waiting in a collective.
+    handles_sigterm = dist.get_world_size() == 1
+    if handles_sigterm:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        # Each worker gets about CHUNK_LINES lines of every chunk.
-        report = predict_file(predictor, args.input, args.output, args.input_format,
-                              chunk_lines=CHUNK_LINES * args.workers, progress=progress.update)
+        # Each worker or rank gets about chunk_lines lines of every chunk.
+        report = predict_file(predictor, run, chunk_lines=args.chunk_lines * args.workers * dist.get_world_size(),
+                              progress=progress.update)
     except WorkerDied as error:
-        print(f"error: {error}", file=sys.stderr)
+        unfinished = (f"; {run.output.partial} is unfinished: rerun the same command to continue after line "
+                      f"{run.output.lines}") if run.output else "; the output is incomplete"
+        print(f"error: {error}{unfinished}", file=sys.stderr)
         return 1  # a resource failure, worth retrying (unlike 2, bad input)
+    except (Interrupted, KeyboardInterrupt) as error:
+        print(f"interrupted ({error or 'SIGINT'}): {run.output.lines if run.output else '?'} line(s) done"
+              + (f" in {run.output.partial}; rerun the same command to continue" if run.output else ""),
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(error, Interrupted) else signal.SIGINT)
     finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous)
         progress.close()
-        if args.workers > 1:
-            predictor.close()
+        if args.workers > 1 or dist.get_world_size() > 1:
+            predictor.close()  # ends the worker processes, or releases the other ranks, whatever happened here
     for message in report.messages():
         print(message, file=sys.stderr)
+    dist.shutdown()
     return 0
 
 

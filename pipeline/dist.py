@@ -75,6 +75,24 @@ def all_gather_objects(value) -> list:
     return gathered
 
 
+def broadcast_object(value, src: int = 0):
+    """``value`` as rank ``src`` holds it (picklable), on every rank; collective."""
+    if not is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def scatter_objects(values: list | None, src: int = 0):
+    """This rank's item of ``values`` (one picklable item per rank, read on rank ``src`` only); collective."""
+    if not is_initialized():
+        return values[0]
+    received: list = []
+    dist.scatter_object_list(received, values if get_rank() == src else None, src=src)
+    return received[0]
+
+
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     """Sum a numeric array over all ranks (identity in one process)."""
     return _all_reduce(values, dist.ReduceOp.SUM)

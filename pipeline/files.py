@@ -8,6 +8,10 @@ directory), so a process killed between the two renames leaves only the old copy
 under its aside name; ``restore_interrupted_replacements`` puts it back. The
 sibling names are made and parsed only in this module.
 
+``ResumableLineFile`` is the third mechanism, for a large file of lines written over a long
+time (``predict.py``'s output): appended and committed a chunk at a time under ``TARGET.partial``,
+continued after a kill, renamed to ``TARGET`` when complete.
+
 Atomic also means durable: the new files are fsynced before the rename that
 publishes them, and the parent directory after it, so a power loss leaves the
 old version or the complete new one, never a name pointing at unwritten data.
@@ -175,3 +179,111 @@ def restore_interrupted_replacements(directory) -> list[Path]:
     for temporary in temporaries:
         _remove(temporary)
     return restored
+
+
+class ResumeRefused(ValueError):
+    """An unfinished ``ResumableLineFile`` that cannot be continued (other identity, or damaged); says why."""
+
+
+class ResumableLineFile:
+    """A file of lines built as ``TARGET.partial`` a chunk at a time, which becomes ``TARGET`` only when finished.
+
+    Every ``commit`` appends its lines, fsyncs them, then records in ``TARGET.progress.json`` (written
+    atomically) how many lines and bytes are committed, with the caller's ``state`` at that point
+    (e.g. how far the input was read) and the ``identity`` of what the lines are made from. A process
+    killed at any moment (SIGKILL included) leaves the partial file and a record of its last commit;
+    ``open`` on the rerun truncates whatever came after that commit (a torn last line, or complete lines
+    whose commit never happened) and continues, so no line is lost or written twice. ``finish`` renames
+    the partial file to ``TARGET``: a file under the final name is always complete.
+    """
+
+    def __init__(self, target, identity: dict):
+        self.target = Path(target)
+        self.partial = self.target.with_name(self.target.name + ".partial")
+        self.progress = self.target.with_name(self.target.name + ".progress.json")
+        self.identity = identity  # JSON-able: compared with the unfinished file's on open
+        self.lines = 0
+        self._bytes = 0
+        self._handle = None
+
+    def unfinished(self, overwrite: bool = False) -> int | None:
+        """Lines an earlier, unfinished run committed, to be continued by ``open``; None: ``open`` starts anew.
+
+        Writes nothing. Raises ResumeRefused when the unfinished file was made from something else (its
+        identity differs) or is shorter than its last commit; ``overwrite`` means it is discarded.
+        """
+        record = self._record_to_continue(overwrite)
+        return None if record is None else int(record["lines"])
+
+    def _record_to_continue(self, overwrite: bool) -> dict | None:
+        if overwrite or not (self.partial.exists() and self.progress.exists()):
+            return None  # a partial file without a record has no commit; a record without one, nothing to continue
+        record = read_json_object(self.progress, ResumeRefused, "it is damaged")
+        self._check(record)
+        return record
+
+    def open(self, initial_state: dict, overwrite: bool = False) -> dict:
+        """Continue the unfinished file (see ``unfinished``) or start an empty one; the state to continue from."""
+        # A killed write_json leaves its temporary sibling; only the one process writing TARGET gets here.
+        remove_leftovers(self.progress)
+        record = self._record_to_continue(overwrite)
+        if record is None:
+            self.progress.unlink(missing_ok=True)
+            self._handle = open(self.partial, "wb")
+            self.lines, self._bytes = 0, 0
+            self._record(initial_state)
+            return initial_state
+        self._handle = open(self.partial, "r+b")
+        self.lines, self._bytes = int(record["lines"]), int(record["bytes"])
+        self._handle.truncate(self._bytes)  # what came after the last commit is redone
+        self._handle.seek(self._bytes)
+        return record["state"]
+
+    def _check(self, record: dict) -> None:
+        done = f"{self.partial} ({record.get('lines', '?')} lines done)"
+        stored = record.get("identity")
+        if not isinstance(stored, dict) or not {"lines", "bytes", "state"} <= record.keys():
+            raise ResumeRefused(f"{self.progress} does not describe {done}")
+        differing = [key for key in sorted(set(stored) | set(self.identity)) if stored.get(key) != self.identity.get(key)]
+        if differing:
+            raise ResumeRefused(f"{done} was made with other {', '.join(differing)} than this run's: "
+                                f"{'; '.join(_difference(stored.get(k), self.identity.get(k)) for k in differing)}")
+        size = self.partial.stat().st_size
+        if size < int(record["bytes"]):
+            raise ResumeRefused(f"{done} holds {size} bytes, fewer than the {record['bytes']} its last commit "
+                                f"recorded in {self.progress}")
+
+    def commit(self, lines: list[str], state: dict) -> None:
+        """Append ``lines`` (each ending with a newline) and record them, with ``state``, as done."""
+        self._handle.write("".join(lines).encode("utf-8"))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())  # the lines on the disk before the record that says they are there
+        self.lines += len(lines)
+        self._bytes = self._handle.tell()
+        self._record(state)
+
+    def _record(self, state: dict) -> None:
+        write_json(self.progress, {"identity": self.identity, "lines": self.lines, "bytes": self._bytes,
+                                   "state": state})
+
+    def finish(self) -> None:
+        """Put the complete file under its final name (replacing any older one), then drop the record."""
+        self._handle.close()
+        os.replace(self.partial, self.target)
+        fsync_path(self.target.parent)
+        # A kill here leaves a record without its partial file: open treats that as nothing to continue.
+        self.progress.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Stop without finishing: the partial file and its last commit stay, to be continued."""
+        if self._handle is not None and not self._handle.closed:
+            self._handle.close()
+
+
+def _difference(before, now) -> str:
+    """What changed between two identity values, for the refusal message."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+                   if before.get(key) != now.get(key)]
+        return ", ".join(changed)
+    return f"{before!r} -> {now!r}"

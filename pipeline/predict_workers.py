@@ -1,4 +1,4 @@
-"""Batch prediction in several processes, each with its share of the CPU cores.
+"""Batch prediction in several processes: a pool of CPU workers, or the ranks of the launcher.
 
 On CPU, Paddle runs matrix products on all the threads it is given but most
 other kernels (layer norm, softmax, GELU, additions) on one, and the matrices of
@@ -7,6 +7,9 @@ idle for much of a batch. N processes with cores/N threads each keep them busy
 (measured in BENCHMARKS.md). Each worker loads the predictor once, in its own
 process, from the same checkpoint; texts are split into contiguous shards of
 about equal length and the results come back in input order.
+
+``RankPredictor`` is the other way to use several processes (or GPUs, or nodes): the ranks of
+``paddle.distributed.launch``, each a whole process with its share of the cores or its own card.
 
 This module must not import Paddle at the top: a worker sets its thread
 variables first (pipeline.cpu_env), then imports it.
@@ -130,7 +133,7 @@ class ParallelPredictor:
         culprits = {pid: code for pid, code in ended.items() if code != -signal.SIGTERM} or ended
         named = ", ".join(f"pid {pid} ({_how_it_ended(code)})" for pid, code in sorted(culprits.items()))
         return (f"a prediction worker process died while predicting: {named or 'unknown pid'}; "
-                f"out of memory? Try fewer --workers or a smaller --batch_size. The output is incomplete.")
+                f"out of memory? Try fewer --workers or a smaller --batch_size")
 
     def start(self) -> None:
         """Load the model in every worker now (else on first use); loading errors are raised here."""
@@ -161,3 +164,42 @@ class ParallelPredictor:
             self.close()
         else:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RankPredictor:
+    """``Predictor.predict`` spread over the ranks of ``paddle.distributed.launch``; same results, same order.
+
+    Rank 0 alone reads the input and writes the output (other nodes need neither file): its
+    ``predict`` splits each chunk into one contiguous shard per rank, of about equal length
+    (``shard_bounds``), sends each rank its shard, predicts its own and gathers the others' results.
+    Every other rank runs ``serve`` until rank 0's ``close``. Lines go to ranks afresh in every
+    chunk, so an output left unfinished by a run of one world size is continued by any other.
+    """
+
+    def __init__(self, predictor):
+        from . import dist  # imports Paddle: only once the process's device and threads are set
+
+        self._dist = dist
+        self.predictor = predictor
+        self.world_size = dist.get_world_size()
+
+    @property
+    def engine_name(self) -> str:
+        return self.predictor.engine_name
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        """Rank 0: every rank's share of ``texts`` predicted, in order (collective with ``serve``)."""
+        shards = [texts[begin:end] for begin, end in shard_bounds([len(text) for text in texts], self.world_size)]
+        shards += [[] for _ in range(self.world_size - len(shards))]  # fewer texts than ranks
+        mine = self._dist.scatter_objects(shards)
+        gathered = self._dist.all_gather_objects(self.predictor.predict(mine))
+        return [result for results in gathered for result in results]
+
+    def serve(self) -> None:
+        """Every rank but 0: predict the shards rank 0 sends until it sends None (``close``)."""
+        while (shard := self._dist.scatter_objects(None)) is not None:
+            self._dist.all_gather_objects(self.predictor.predict(shard))
+
+    def close(self) -> None:
+        """Rank 0: release the ranks waiting in ``serve``."""
+        self._dist.scatter_objects([None] * self.world_size)

@@ -188,3 +188,58 @@ def test_write_json_fsyncs_the_file_before_the_rename_and_the_directory_after(tm
     assert kinds == ["fsync", "replace", "fsync"], events
     assert events[1][2] == os.path.realpath(tmp_path / "metrics.json")
     assert events[0][1] == events[1][1] and events[2][1] == os.path.realpath(tmp_path)
+
+
+# --- ResumableLineFile: the output predict.py continues after a kill ---
+
+
+def test_a_resumable_line_file_continues_after_its_last_commit_and_cuts_a_torn_line(tmp_path):
+    target = tmp_path / "out.jsonl"
+    first = files.ResumableLineFile(target, {"input": {"size": 3}})
+    assert first.unfinished() is None
+    assert first.open({"offset": 0}) == {"offset": 0}
+    first.commit(["a\n", "b\n"], {"offset": 4})
+    first.close()  # as a killed run leaves it: no final file, the partial and its record
+    assert not target.exists() and first.partial.read_bytes() == b"a\nb\n"
+    with open(first.partial, "ab") as handle:
+        handle.write(b"c\nd")  # a complete line whose commit never came, then a torn one
+    again = files.ResumableLineFile(target, {"input": {"size": 3}})
+    assert again.unfinished() == 2
+    assert again.open({"offset": 0}) == {"offset": 4} and again.lines == 2
+    again.commit(["c\n", "d\n"], {"offset": 8})
+    again.finish()
+    assert target.read_bytes() == b"a\nb\nc\nd\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no partial, no record, no temporary
+    # A finished file is not continued: the next run starts anew and replaces it only when it finishes.
+    third = files.ResumableLineFile(target, {"input": {"size": 3}})
+    assert third.unfinished() is None and third.open({"offset": 0}) == {"offset": 0}
+    third.commit(["x\n"], {"offset": 2})
+    assert target.read_bytes() == b"a\nb\nc\nd\n"
+    third.finish()
+    assert target.read_bytes() == b"x\n"
+
+
+def test_a_resumable_line_file_refuses_another_identity_or_a_shortened_partial(tmp_path):
+    target = tmp_path / "out.jsonl"
+    first = files.ResumableLineFile(target, {"input": {"size": 3, "mtime_ns": 1}, "settings": {"n": 1}})
+    first.open({})
+    first.commit(["a\n", "b\n"], {"k": 1})
+    first.close()
+    other = files.ResumableLineFile(target, {"input": {"size": 4, "mtime_ns": 1}, "settings": {"n": 1}})
+    with pytest.raises(files.ResumeRefused, match=r"\(2 lines done\) was made with other input than "
+                                                  r"this run's: size 3 -> 4$"):
+        other.unfinished()
+    with pytest.raises(files.ResumeRefused):
+        other.open({})
+    assert first.partial.read_bytes() == b"a\nb\n"  # refusing changed nothing
+    assert other.unfinished(overwrite=True) is None
+    assert other.open({"k": 0}, overwrite=True) == {"k": 0} and first.partial.read_bytes() == b""
+    other.close()
+    # The record says 2 lines of 4 bytes; a partial file cut shorter is not continued.
+    same = files.ResumableLineFile(target, other.identity)
+    same.open({})
+    same.commit(["a\n", "b\n"], {})
+    same.close()
+    first.partial.write_bytes(b"a\n")
+    with pytest.raises(files.ResumeRefused, match="holds 2 bytes, fewer than the 4"):
+        files.ResumableLineFile(target, other.identity).unfinished()

@@ -495,8 +495,9 @@ def test_a_killed_prediction_worker_fails_the_run_within_seconds_naming_it(check
                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Wait until the workers are predicting (the first chunk is written), then kill one of them.
+        partial = Path(f"{out}.partial")
         deadline = time.monotonic() + 120
-        while not (out.exists() and out.stat().st_size > 0):
+        while not (partial.exists() and partial.stat().st_size > 0):
             assert job.poll() is None, job.communicate()
             assert time.monotonic() < deadline, "prediction never started"
             time.sleep(0.2)
@@ -512,4 +513,6 @@ def test_a_killed_prediction_worker_fails_the_run_within_seconds_naming_it(check
     assert time.monotonic() - killed_at < 30  # not a hang: Pool.starmap used to wait forever here
     assert job.returncode == 1, err
     assert f"pid {victim} (killed by SIGKILL)" in err and "Traceback" not in err, err
-    assert len(out.read_text(encoding="utf-8").splitlines()) < 40_000  # what was written is a prefix, not all
+    # What was written is a prefix, not all, and stays unfinished: the same command continues it.
+    assert not out.exists() and len(partial.read_text(encoding="utf-8").splitlines()) < 40_000
+    assert "rerun the same command to continue after line" in err, err
