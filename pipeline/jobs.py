@@ -2,7 +2,8 @@
 
 The templates are the files under launch/ (`@@{name}` placeholders, see `LaunchTemplate`); this
 module only computes the values and fills them in. Hosts, ports and device ids are never
-rendered: they come from the scheduler or the operator when the job runs. The command line is
+rendered (except the rendezvous port Kubeflow's operator reads from the manifest): they come from the
+scheduler or the operator when the job runs. The command line is
 ``python -m pipeline.submit``.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import re
 import shlex
 import string
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

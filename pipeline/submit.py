@@ -6,8 +6,8 @@
         --image REGISTRY/nerpipe:TAG --shared-dir /mnt/shared | kubectl apply -f -
 
 The command line of ``pipeline.jobs``, which computes the values and fills in the templates under
-launch/. Hosts, ports and device ids are never rendered: they come from the scheduler or the
-operator when the job runs.
+launch/. Hosts, ports (but the rendezvous port Kubeflow's operator reads from the manifest) and device
+ids are never rendered: they come from the scheduler or the operator when the job runs.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-node", type=int,
                         help=f"CPUs requested per node (default {CPUS_PER_WORKER} per worker)")
     parser.add_argument("--memory-gb", type=int,
-                        help=f"memory per node in GiB, requested and the limit (default {MEMORY_GB_PER_WORKER} per worker)")
+                        help=f"memory per node in GiB, requested and the limit "
+                             f"(default {MEMORY_GB_PER_WORKER} per worker)")
     parser.add_argument("--save-interval", type=int, default=default["save_interval"],
                         help="training state every N steps, unless the config or an override sets save_interval")
     parser.add_argument("--max-restarts", type=int, default=default["max_restarts"],
