@@ -38,6 +38,22 @@ CONFIG=${CONFIG:?set CONFIG to a YAML preset, e.g. configs/msra_m3e_small_quick.
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
+# A word where a number belongs (GPUS_PER_NODE=all, NNODES=two) would otherwise run something else
+# silently (one CPU worker on a GPU node) or fail later in the launcher with a traceback.
+fail() { echo "launch/multinode.sh: $*" >&2; exit 2; }
+whole='^[0-9]{1,6}$'
+[[ $NNODES =~ ^[0-9]{1,4}(:[0-9]{1,4})?$ ]] || fail "NNODES must be a node count or MIN:MAX, got '$NNODES'"
+[[ $MASTER_PORT =~ $whole ]] && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ] ||
+  fail "MASTER_PORT must be a TCP port (1-65535), got '$MASTER_PORT'"
+for name in NODE_RANK GPUS_PER_NODE NPROC; do
+  if [ -n "${!name:-}" ] && ! [[ ${!name} =~ $whole ]]; then
+    fail "$name must be a whole number (0 or more), got '${!name}'"
+  fi
+done
+[ "${NPROC:-1}" -ge 1 ] || fail "NPROC must be at least 1, got '$NPROC'"
+if [ -n "${GPUS:-}" ] && ! [[ $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+  fail "GPUS must be device ids separated by commas (e.g. 0,1), got '$GPUS'"
+fi
 LOG_DIR=${LOG_DIR:-log/node-${NODE_RANK:-$(hostname)}}
 
 args=(--master "${MASTER_ADDR}:${MASTER_PORT}" --nnodes "$NNODES" --job_id "${JOB_ID:-nerpipe}"

@@ -8,6 +8,7 @@ has one (``epochs``, ``batch_size``, ``checkpoint_dir``, ``compare_metrics``...)
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,22 @@ CHAR_MAPPINGS = ("auto", "off")
 
 class ConfigError(ValueError):
     """A config key that is unknown, of the wrong type, or has an impossible value."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2): 1.1 also reads off/on/yes/no as booleans,
+    which turned choices such as `resume=off` or `amp: off` into False."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _read_yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 def _doc(text: str, default):
@@ -237,7 +254,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
-            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            parsed[key.strip()] = _read_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as error:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({error})") from None
     return parsed
@@ -275,7 +292,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> T
         if not config_path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+            loaded = _read_yaml(config_path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if loaded is None:

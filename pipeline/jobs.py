@@ -2,7 +2,8 @@
 
 The templates are the files under launch/ (`@@{name}` placeholders, see `LaunchTemplate`); this
 module only computes the values and fills them in. Hosts, ports and device ids are never
-rendered: they come from the scheduler or the operator when the job runs. The command line is
+rendered (except the rendezvous port Kubeflow's operator reads from the manifest): they come from the
+scheduler or the operator when the job runs. The command line is
 ``python -m pipeline.submit``.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import re
 import shlex
 import string
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +36,41 @@ export NNODES=@@{nodes}
 export CONFIG=${CONFIG:-@@{config}}
 export GPUS_PER_NODE=${GPUS_PER_NODE:-@@{gpus_per_node}}
 export JOB_ID=${JOB_ID:-@@{job_name}}
+export NERPIPE_JOB=@@{job_name}   # this job owns checkpoint_dir: a rerun of this file continues it
 export LOG_DIR=${LOG_DIR:-@@{log_root}/node-${NODE_RANK:-$(hostname)}}
 exec bash "${NERPIPE_ROOT:-.}/launch/multinode.sh" @@{overrides} "$@"
 """
 
-# DNS-1123 label: Kubernetes object names, also fine for Slurm job names and paths.
-JOB_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# The training's exit code for "stopped on a signal after saving a training state: relaunch me"
+# (EX_TEMPFAIL from sysexits.h); train_dist.py uses the same code. launch/supervise.sh and the Slurm
+# template relaunch it; 2 (bad input) and 3 (NaN/Inf stop) are never relaunched.
+RELAUNCH_EXIT_CODE = 75
+DO_NOT_RETRY_EXIT_CODES = (2, 3)
+
+# Object names: a DNS-1035 label (Kubeflow creates a Service per pod, and Service names must start with a
+# letter), at most 63 characters for the longest pod name, <name>-worker-<last index>.
+JOB_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+NAME_LIMIT = 63
+# A PersistentVolumeClaim name: a DNS-1123 subdomain.
+PVC_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# Paths that go into mount paths and shell lines unchanged: no spaces, quotes, `$`, `:` or backslashes.
+SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+@-]+$")
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+# Kubeflow's PaddleJob controller reads the rendezvous port from the container port named "master" of the
+# container named "paddle" (training-operator PaddleJobDefaultPortName/ContainerName; 36543 is its default).
+KUBEFLOW_CONTAINER = "paddle"
+KUBEFLOW_PORT = 36543
+# A rendered job always writes training states, so that a relaunch loses at most this many steps.
+DEFAULT_SAVE_INTERVAL = 100
+# Upper bounds: larger values are typing mistakes, and a scheduler would only queue them forever.
+LIMITS = {"nodes": 1024, "gpus_per_node": 16, "cpus_per_node": 1024, "memory_gb": 4096, "max_restarts": 100,
+          "restart_delay": 3600, "save_interval": 10_000_000, "deadline_hours": 24 * 90}
+# Per worker (one per GPU, or one CPU worker per node) when --cpus-per-node / --memory-gb are not given.
+CPUS_PER_WORKER = 4
+MEMORY_GB_PER_WORKER = 8
+# Kubernetes' grace period between SIGTERM and SIGKILL: Paddle's launcher gives its workers 30 s to save
+# and stop after its SIGTERM, then kills them.
+GRACE_SECONDS = 60
 
 
 class SubmitError(ValueError):
@@ -67,47 +96,110 @@ class JobSpec:
     job_name: str = "nerpipe"
     pvc: str | None = None
     workdir: str | None = None
-    master_port: int = 37777
-    backoff_limit: int = 3
+    cpus_per_node: int | None = None
+    memory_gb: int | None = None
+    save_interval: int = DEFAULT_SAVE_INTERVAL
+    max_restarts: int = 3
+    restart_delay: int = 30
+    deadline_hours: float = 72.0
     overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.target not in TEMPLATES:
             raise SubmitError(f"unknown target {self.target!r}: choose one of {', '.join(TEMPLATES)}")
-        if self.nodes < 1:
-            raise SubmitError(f"--nodes must be >= 1, got {self.nodes}")
-        if self.gpus_per_node < 0:
-            raise SubmitError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
-        config_path = Path(self.config)
-        if not (config_path if config_path.is_absolute() else ROOT / config_path).is_file():
-            raise SubmitError(f"config file not found: {self.config} (paths are relative to {ROOT})")
-        if not JOB_NAME.match(self.job_name):
-            raise SubmitError(f"--job-name {self.job_name!r} must be lower-case letters, digits and '-' "
-                              "(a Kubernetes name), at most 63 characters")
-        for item in self.overrides:
-            if not OVERRIDE.match(item) or "\n" in item:
-                raise SubmitError(f"override {item!r} is not of the form key=value")
+        self._check_sizes()
+        self._check_names_and_paths()
         if self.target in K8S_TARGETS:
             if not self.image:
                 raise SubmitError(f"--image is required for {self.target}")
             if not self.shared_dir or not self.shared_dir.startswith("/"):
                 raise SubmitError(f"--shared-dir (an absolute mount path for the shared volume) is required "
                                   f"for {self.target}")
-        if not 1 <= self.master_port <= 65535:
-            raise SubmitError(f"--master-port must be a TCP port, got {self.master_port}")
-        if self.backoff_limit < 0:
-            raise SubmitError(f"--backoff-limit must be >= 0, got {self.backoff_limit}")
+        for item in self.overrides:
+            if not OVERRIDE.match(item) or "\n" in item:
+                raise SubmitError(f"override {item!r} is not of the form key=value")
+        self._check_training_config()
+
+    def _check_sizes(self):
+        minimum = {"nodes": 1, "gpus_per_node": 0, "cpus_per_node": 1, "memory_gb": 1, "max_restarts": 0,
+                   "restart_delay": 0, "save_interval": 1}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SubmitError(f"{flag} must be a whole number, got {value!r}")
+            if not low <= value <= LIMITS[name]:
+                raise SubmitError(f"{flag} must be between {low} and {LIMITS[name]}, got {value}")
+        if not 0 < self.deadline_hours <= LIMITS["deadline_hours"]:
+            raise SubmitError(f"--deadline-hours must be > 0 and at most {LIMITS['deadline_hours']}, "
+                              f"got {self.deadline_hours}")
+
+    def _check_names_and_paths(self):
+        longest = f"{self.job_name}-worker-{self.nodes - 1}"
+        if not JOB_NAME.match(self.job_name) or len(longest) > NAME_LIMIT:
+            raise SubmitError(f"--job-name {self.job_name!r} must be a Kubernetes name: lower-case letters, digits "
+                              f"and '-', starting with a letter, and the pod name {longest!r} at most "
+                              f"{NAME_LIMIT} characters")
+        if self.pvc is not None and not PVC_NAME.match(self.pvc):
+            raise SubmitError(f"--pvc {self.pvc!r} must be a Kubernetes name (lower-case letters, digits, '-', '.')")
+        if self.image is not None and (not self.image or any(c.isspace() or c in "\"'$`\\" for c in self.image)):
+            raise SubmitError(f"--image {self.image!r} must be an image reference without spaces or quotes")
+        for flag, path in (("--shared-dir", self.shared_dir), ("--workdir", self.workdir)):
+            if path is not None and not SAFE_PATH.match(path):
+                raise SubmitError(f"{flag} {path!r} may hold only letters, digits and . _ / + @ - (it goes into "
+                                  "mount paths and shell lines)")
+        if self.workdir is not None and not self.workdir.startswith("/"):
+            raise SubmitError(f"--workdir {self.workdir!r} must be an absolute path inside the container")
+        if "\n" in self.config:
+            raise SubmitError(f"--config {self.config!r} holds a line break")
+
+    def _check_training_config(self):
+        """The config and overrides load and validate as train_dist.py will load them; the job must resume."""
+        from .config import ConfigError, load_config  # the renderer needs no Paddle; config imports none
+
+        config_path = Path(self.config)
+        resolved = config_path if config_path.is_absolute() else ROOT / config_path
+        if not resolved.is_file():
+            raise SubmitError(f"config file not found: {self.config} (paths are relative to {ROOT})")
+        try:
+            self._preset = load_config(str(resolved))  # what the file alone sets: see all_overrides
+            config = load_config(str(resolved), self.all_overrides())
+        except ConfigError as error:
+            raise SubmitError(f"the training config does not load: {error}") from None
+        if config.resume != "auto":
+            raise SubmitError(f"resume={config.resume}: a cluster job relaunches itself and must continue from "
+                              "its newest training state (resume=auto, which the job sets unless overridden)")
+
+    def _user_sets(self, key: str) -> bool:
+        return any(item.startswith(f"{key}=") for item in self.overrides)
 
     def all_overrides(self) -> list[str]:
-        """The user's overrides, plus checkpoint_dir on the shared storage unless the user chose one."""
+        """The user's overrides, plus what a relaunchable cluster job needs unless the user chose it:
+        checkpoint_dir on the shared storage, training states every save_interval steps, resume=auto."""
         items = list(self.overrides)
-        if self.shared_dir and not any(item.startswith("checkpoint_dir=") for item in items):
+        if self.shared_dir and not self._user_sets("checkpoint_dir"):
             # A checkpoint on a pod's own disk disappears with the pod: put it on the shared volume.
             items.insert(0, f"checkpoint_dir={self.shared_dir.rstrip('/')}/checkpoints/{self.job_name}")
-        if self.gpus_per_node > 0 and self.target in K8S_TARGETS and not any(
-                item.startswith("use_gpu=") for item in items):
+        if not self._user_sets("save_interval") and self._preset.save_interval == 0:
+            # Without training states a relaunch starts from step 0 (quick presets save none).
+            items.append(f"save_interval={self.save_interval}")
+        if not self._user_sets("resume") and self._preset.resume != "auto":
+            items.append("resume=auto")
+        if self.gpus_per_node > 0 and self.target in K8S_TARGETS and not self._user_sets("use_gpu"):
             items.append("use_gpu=true")
         return items
+
+    def workers_per_node(self) -> int:
+        """One worker per GPU, or one CPU worker per node."""
+        return max(self.gpus_per_node, 1)
+
+    def cpus(self) -> int:
+        return self.cpus_per_node or CPUS_PER_WORKER * self.workers_per_node()
+
+    def memory(self) -> int:
+        return self.memory_gb or MEMORY_GB_PER_WORKER * self.workers_per_node()
 
     def log_root(self) -> str:
         """Where per-node log directories go: the shared storage if there is one, else ./log."""
@@ -116,6 +208,17 @@ class JobSpec:
 
 def _shell_words(words) -> str:
     return " ".join(shlex.quote(word) for word in words)
+
+
+def _k8s_resources(spec: JobSpec) -> str:
+    """Requests for CPU and memory as well as GPUs: a pod that requests only GPUs is among the first evicted
+    under memory pressure. Memory is also the limit (a leak ends this pod, not its neighbours); CPU has no
+    limit, so data loading may use idle cores. GPUs are an extended resource: the limit is the request."""
+    resources = {"requests": {"cpu": str(spec.cpus()), "memory": f"{spec.memory()}Gi"},
+                 "limits": {"memory": f"{spec.memory()}Gi"}}
+    if spec.gpus_per_node > 0:
+        resources["limits"]["nvidia.com/gpu"] = spec.gpus_per_node
+    return json.dumps(resources)
 
 
 def template_values(spec: JobSpec, script_name: str = "job.sh") -> dict[str, str]:
@@ -127,12 +230,16 @@ def template_values(spec: JobSpec, script_name: str = "job.sh") -> dict[str, str
         "gpus_per_node": str(spec.gpus_per_node),
         "config": shlex.quote(spec.config),
         "overrides": _shell_words(spec.all_overrides()),
-        "log_root": spec.log_root(),
-        "script_name": script_name,
+        "log_root": shlex.quote(spec.log_root()),
+        "script_name": shlex.quote(script_name),
+        "max_restarts": str(spec.max_restarts),
+        "restart_delay": str(spec.restart_delay),
+        "relaunch_exit_code": str(RELAUNCH_EXIT_CODE),
     }
     if spec.target == "slurm":
         values["gpu_directive"] = (f"#SBATCH --gpus-per-node={spec.gpus_per_node}" if spec.gpus_per_node > 0
                                    else "# CPU job: no GPUs requested (gpus-per-node 0)")
+        values.update(cpus_per_task=str(spec.cpus()), memory=f"{spec.memory()}G")
     if spec.target in K8S_TARGETS:
         gpus = spec.gpus_per_node
         values.update(
@@ -140,12 +247,14 @@ def template_values(spec: JobSpec, script_name: str = "job.sh") -> dict[str, str
             workdir=json.dumps(spec.workdir or f"{spec.shared_dir.rstrip('/')}/nerpipe"),
             shared_dir=json.dumps(spec.shared_dir),
             pvc=json.dumps(spec.pvc or f"{spec.job_name}-shared"),
-            master_port=str(spec.master_port),
-            backoff_limit=str(spec.backoff_limit),
-            resource_limits=json.dumps({"nvidia.com/gpu": gpus} if gpus > 0 else {}),
+            container_name=KUBEFLOW_CONTAINER,
+            master_port=str(KUBEFLOW_PORT),
+            deadline_seconds=str(round(spec.deadline_hours * 3600)),
+            grace_seconds=str(GRACE_SECONDS),
+            resources=_k8s_resources(spec),
             # One worker per GPU the device plugin exposes; on CPU one worker per pod, and no
             # CUDA_VISIBLE_DEVICES at all (even an empty one makes the launcher expect GPUs).
-            device_args=f"--nproc_per_node {max(gpus, 1)}",
+            device_args=f"--nproc_per_node {spec.workers_per_node()}",
             device_setup=("# GPUs: the device plugin exposes the nvidia.com/gpu limit to this container"
                           if gpus > 0 else "unset CUDA_VISIBLE_DEVICES"),
         )

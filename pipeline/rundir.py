@@ -8,6 +8,12 @@ no heartbeat for ``STALE_AFTER_SECONDS``) is taken over.
 
 A directory holding a previous run's outputs is never silently overwritten:
 resuming continues it, ``overwrite: true`` clears it, anything else is an error.
+
+Cluster jobs rendered by ``pipeline.submit`` name themselves in the environment (``NERPIPE_JOB``,
+and ``NERPIPE_JOB_INSTANCE`` for one submission's attempts). The first run of a job records its
+name in ``checkpoint_dir/job.json``; a relaunch of that job continues there, or starts again over
+its own partial results when it never wrote a training state, and is never refused as "a previous
+run". Another job, or a plain run, aimed at a directory holding that job's results is refused.
 """
 from __future__ import annotations
 
@@ -22,11 +28,16 @@ from pathlib import Path
 
 import psutil
 
-from .files import restore_interrupted_replacements
+from .files import read_json_object, restore_interrupted_replacements, write_json
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
+JOB_FILE = "job.json"
+# Set by the rendered cluster jobs (pipeline/jobs.py): the job's name, and one submission's id (Slurm's job id,
+# the same across its requeues), whose earlier attempt has always ended when the next one starts.
+JOB_ENV = "NERPIPE_JOB"
+JOB_INSTANCE_ENV = "NERPIPE_JOB_INSTANCE"
 HEARTBEAT_SECONDS = 30
 # A lock from another host cannot be checked for a live process; only a silent heartbeat proves it dead.
 # The heartbeat is hand-written: no library tells whether a process on another host is alive
@@ -76,6 +87,8 @@ class RunLock:
         self.path = Path(directory) / LOCK_FILE
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
                       "create_time": _process_create_time(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if os.environ.get(JOB_INSTANCE_ENV):
+            self.owner["job_instance"] = os.environ[JOB_INSTANCE_ENV]
         self._stop = threading.Event()
         self._thread = None
 
@@ -84,6 +97,10 @@ class RunLock:
 
     def _stale_reason(self, owner: dict) -> str | None:
         """Why the lock's owner is known to be gone, or None when it may still be running."""
+        if self.owner.get("job_instance") and owner.get("job_instance") == self.owner["job_instance"]:
+            # A requeued Slurm job may start on other nodes before the old host's heartbeat goes stale;
+            # the scheduler starts an attempt only after the previous one has ended.
+            return f"it was an earlier attempt of this job ({JOB_INSTANCE_ENV}={owner['job_instance']})"
         if owner.get("host") == self.owner["host"]:
             if not _process_alive(int(owner.get("pid", -1)), owner.get("create_time")):
                 return "its process no longer exists"
@@ -151,16 +168,54 @@ def _delete(paths) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def prepare_run_directory(directory, resuming: bool, overwrite: bool) -> None:
-    """Refuse to start fresh over a previous run unless ``overwrite``; clear it when told to."""
+def owning_job(directory) -> str | None:
+    """The cluster job whose results ``directory`` holds (``job.json``), or None."""
+    path = Path(directory) / JOB_FILE
+    if not path.is_file():
+        return None
+    return str(read_json_object(path, RunDirError, f"{path} is damaged: delete it if no job owns "
+                                                   f"{Path(directory)}").get("job", "")) or None
+
+
+def _check_job_ownership(directory: Path, job: str | None, found: list[str], overwrite: bool) -> bool:
+    """Refuse a run that is not the job owning ``directory``'s results; True when this is that job's relaunch."""
+    owner = owning_job(directory)
+    if owner is not None and owner == job:
+        return True
+    if not found or overwrite:
+        return False
+    if job is None:
+        raise RunDirError(
+            f"{directory} holds the results of cluster job {owner!r} ({', '.join(found)}). Run with "
+            f"{JOB_ENV}={owner} to continue that job, set overwrite=true to replace it, or choose another "
+            f"checkpoint_dir.")
+    raise RunDirError(
+        f"{directory} holds the results of {f'cluster job {owner!r}' if owner else 'a run outside any job'} "
+        f"({', '.join(found)}), not of job {job!r}: a job continues only its own run. Choose another "
+        f"checkpoint_dir, or set overwrite=true to replace it.")
+
+
+def prepare_run_directory(directory, resuming: bool, overwrite: bool, job: str | None = None) -> None:
+    """Refuse to start fresh over a previous run unless ``overwrite``; clear it when told to.
+
+    ``job`` (a cluster job's name): that job's own results are continued or, with nothing to resume,
+    replaced by its relaunch; any other run's are refused (unless ``overwrite``) even when resuming."""
     directory = Path(directory)
     # Under the lock: nobody else is replacing anything here now.
     for where in (directory, directory / "checkpoints"):
         for restored in restore_interrupted_replacements(where):
             logger.warning("restored %s from an interrupted replacement", restored)
+    found = previous_run_results(directory)
+    if job is not None or owning_job(directory) is not None:
+        if _check_job_ownership(directory, job, found, overwrite) and not resuming and found:
+            logger.warning("job %s was relaunched before its first training state: starting it again over "
+                           "its own partial results (%s)", job, ", ".join(found))
+            overwrite = True
+        if job is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_json(directory / JOB_FILE, {"job": job})
     if resuming:
         return
-    found = previous_run_results(directory)
     if found and not overwrite:
         raise RunDirError(
             f"{directory} holds a previous run ({', '.join(found)}) and there is no training state to resume "
@@ -168,8 +223,9 @@ def prepare_run_directory(directory, resuming: bool, overwrite: bool) -> None:
             f"to delete it and start again, or choose another checkpoint_dir.")
     if found:
         logger.warning("overwrite: deleting the previous run's %s in %s", ", ".join(found), directory)
-    # Logs of the previous run would otherwise mix with this one's.
-    _delete([directory / name for name in (*found, *RUN_LOGS) if (directory / name).exists()])
+    # Logs of the previous run would otherwise mix with this one's; a run outside any job owns what it writes.
+    replaced = (*found, *RUN_LOGS, *(() if job is not None else (JOB_FILE,)))
+    _delete([directory / name for name in replaced if (directory / name).exists()])
 
 
 def claim_checkpoint_dir(config) -> RunLock | None:
@@ -189,7 +245,7 @@ def claim_checkpoint_dir(config) -> RunLock | None:
             candidate.acquire()
             lock = candidate
             prepare_run_directory(config.checkpoint_dir, resuming=resume_source(config) is not None,
-                                  overwrite=config.overwrite)
+                                  overwrite=config.overwrite, job=os.environ.get(JOB_ENV) or None)
         except (RunDirError, OSError) as error:
             failure = str(error)
             if lock is not None:

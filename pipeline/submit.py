@@ -6,8 +6,8 @@
         --image REGISTRY/nerpipe:TAG --shared-dir /mnt/shared | kubectl apply -f -
 
 The command line of ``pipeline.jobs``, which computes the values and fills in the templates under
-launch/. Hosts, ports and device ids are never rendered: they come from the scheduler or the
-operator when the job runs.
+launch/. Hosts, ports (but the rendezvous port Kubeflow's operator reads from the manifest) and device
+ids are never rendered: they come from the scheduler or the operator when the job runs.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .jobs import TEMPLATES, JobSpec, SubmitError, render
+from .jobs import CPUS_PER_WORKER, LIMITS, MEMORY_GB_PER_WORKER, TEMPLATES, JobSpec, SubmitError, render
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True, choices=list(TEMPLATES), help="scheduler or operator")
-    parser.add_argument("--nodes", type=int, required=True, help="number of nodes (pods), >= 1")
-    parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; 0 runs CPU workers")
+    parser.add_argument("--nodes", type=int, required=True, help=f"number of nodes (pods), 1 to {LIMITS['nodes']}")
+    parser.add_argument("--gpus-per-node", type=int, default=0,
+                        help=f"GPUs per node, up to {LIMITS['gpus_per_node']}; 0 runs one CPU worker per node")
     parser.add_argument("--config", required=True, help="YAML preset, relative to the checkout")
     parser.add_argument("--image", help="container image (k8s targets)")
     parser.add_argument("--shared-dir", help="shared storage path on every node: data, checkpoints, logs "
@@ -34,11 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job-name", default=default["job_name"], help="job name (a Kubernetes name)")
     parser.add_argument("--pvc", help="PersistentVolumeClaim of the shared volume (default JOB_NAME-shared)")
     parser.add_argument("--workdir", help="k8s: the checkout inside the container (default SHARED_DIR/nerpipe)")
-    parser.add_argument("--master-port", type=int, default=default["master_port"],
-                        help=f"k8s-kubeflow: container port named 'master' "
-                             f"(Kubeflow's default {default['master_port']})")
-    parser.add_argument("--backoff-limit", type=int, default=default["backoff_limit"],
-                        help="k8s-kubeflow: relaunches before failing")
+    parser.add_argument("--cpus-per-node", type=int,
+                        help=f"CPUs requested per node (default {CPUS_PER_WORKER} per worker)")
+    parser.add_argument("--memory-gb", type=int,
+                        help=f"memory per node in GiB, requested and the limit "
+                             f"(default {MEMORY_GB_PER_WORKER} per worker)")
+    parser.add_argument("--save-interval", type=int, default=default["save_interval"],
+                        help="training state every N steps, unless the config or an override sets save_interval")
+    parser.add_argument("--max-restarts", type=int, default=default["max_restarts"],
+                        help="k8s: relaunches inside a pod after a retryable exit; slurm: requeues after a failure")
+    parser.add_argument("--restart-delay", type=int, default=default["restart_delay"],
+                        help="k8s: seconds between relaunches inside a pod")
+    parser.add_argument("--deadline-hours", type=float, default=default["deadline_hours"],
+                        help="k8s: the job fails after this long (activeDeadlineSeconds), relaunches included")
     parser.add_argument("--output", help="write here instead of printing")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, after --")
     return parser
@@ -49,12 +58,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = JobSpec(**{f.name: getattr(args, f.name) for f in fields(JobSpec)})
+        text = render(spec, script_name=Path(args.output).name if args.output else "job.sh")
+        if args.output:
+            try:
+                Path(args.output).write_text(text, encoding="utf-8")
+            except OSError as error:
+                raise SubmitError(f"cannot write --output {args.output}: {error.strerror or error}") from None
     except SubmitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    text = render(spec, script_name=Path(args.output).name if args.output else "job.sh")
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output} ({spec.target}, {spec.nodes} node(s), {spec.gpus_per_node} GPU(s) each)",
               file=sys.stderr)
     else:

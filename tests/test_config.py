@@ -39,6 +39,20 @@ def test_bad_overrides_are_rejected_naming_the_key(override, message):
     assert message in str(caught.value)
 
 
+def test_off_on_yes_no_stay_words_for_string_choices(tmp_path):
+    """YAML 1.1 reads off/on/yes/no as booleans, which made `resume=off` fail ("must be a string, got
+    False"); only true/false are booleans here, in overrides and files alike."""
+    path = tmp_path / "c.yaml"
+    path.write_text("amp: off\nchar_mapping: off\n", encoding="utf-8")
+    config = load_config(str(path), ["resume=off", "overwrite=true", "use_gpu=false"])
+    assert (config.resume, config.amp, config.char_mapping) == ("off", "off", "off")
+    assert config.overwrite is True and config.use_gpu == "false"
+    with pytest.raises(ConfigError, match="resume must be auto, off or an existing checkpoint directory, got 'on'"):
+        load_config(None, ["resume=on"])
+    with pytest.raises(ConfigError, match="overwrite must be true or false, got 'yes'"):
+        load_config(None, ["overwrite=yes"])
+
+
 def test_file_errors_name_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("epochs: 2\nbatchsize: 8\n", encoding="utf-8")

@@ -139,3 +139,59 @@ def test_train_dist_refuses_a_directory_in_use_before_loading_anything(tiny_mode
     assert done.returncode == 2, done.stderr[-2000:]
     assert "in use by another training run" in done.stderr and f"pid {os.getpid()}" in done.stderr
     assert "train features" not in done.stdout  # stopped before tokenising
+
+
+def test_a_relaunched_job_continues_its_own_directory_and_other_runs_are_refused(tmp_path):
+    """A cluster job (NERPIPE_JOB) records itself in job.json; its relaunch is never refused as a previous run,
+    even before its first training state; another job, or a run outside any job, is refused there."""
+    prepare_run_directory(tmp_path, resuming=False, overwrite=False, job="ner-a")
+    assert json.loads((tmp_path / rundir.JOB_FILE).read_text()) == {"job": "ner-a"}
+    make_previous_run(tmp_path)  # evaluated once, killed before the first training state
+    prepare_run_directory(tmp_path, resuming=False, overwrite=False, job="ner-a")
+    assert not (tmp_path / "best_model").exists() and not (tmp_path / "dev_metrics.jsonl").exists()
+    assert rundir.owning_job(tmp_path) == "ner-a"
+    make_previous_run(tmp_path)
+    prepare_run_directory(tmp_path, resuming=True, overwrite=False, job="ner-a")  # a state to resume: kept
+    assert (tmp_path / "best_model" / "model.pdparams").read_bytes() == b"weights"
+    for job, message in (("ner-b", "holds the results of cluster job 'ner-a' .* not of job 'ner-b'"),
+                         (None, "holds the results of cluster job 'ner-a' .* NERPIPE_JOB=ner-a to continue")):
+        for resuming in (False, True):
+            with pytest.raises(RunDirError, match=message):
+                prepare_run_directory(tmp_path, resuming=resuming, overwrite=False, job=job)
+    assert (tmp_path / "best_model" / "model.pdparams").read_bytes() == b"weights"  # untouched
+    prepare_run_directory(tmp_path, resuming=False, overwrite=True, job=None)  # replaced by a plain run
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    make_previous_run(tmp_path)
+    with pytest.raises(RunDirError, match="holds the results of a run outside any job .* not of job 'ner-a'"):
+        prepare_run_directory(tmp_path, resuming=True, overwrite=False, job="ner-a")
+
+
+def test_a_lock_left_by_an_earlier_attempt_of_the_same_job_is_taken_over(tmp_path, monkeypatch, caplog):
+    """A requeued Slurm job can start on another node within the other host's heartbeat period: the same
+    NERPIPE_JOB_INSTANCE marks the lock as its own earlier attempt; another instance still waits."""
+    path = tmp_path / "run.lock"
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then", "job_instance": "slurm-41"}))
+    monkeypatch.setenv(rundir.JOB_INSTANCE_ENV, "slurm-42")
+    with pytest.raises(RunDirError, match="host elsewhere"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv(rundir.JOB_INSTANCE_ENV, "slurm-41")
+    lock = RunLock(tmp_path)
+    with caplog.at_level("WARNING", logger=rundir.logger.name):
+        lock.acquire()
+    assert "it was an earlier attempt of this job (NERPIPE_JOB_INSTANCE=slurm-41)" in caplog.text
+    assert json.loads(path.read_text()) == lock.owner and lock.owner["job_instance"] == "slurm-41"
+    lock.release()
+
+
+def test_claim_reads_the_job_from_the_environment(tmp_path, monkeypatch):
+    from pipeline.config import TrainConfig
+
+    config = TrainConfig(checkpoint_dir=str(tmp_path))
+    monkeypatch.setenv(rundir.JOB_ENV, "ner-a")
+    rundir.claim_checkpoint_dir(config).release()
+    assert rundir.owning_job(tmp_path) == "ner-a"
+    make_previous_run(tmp_path)
+    monkeypatch.setenv(rundir.JOB_ENV, "ner-b")
+    with pytest.raises(RunDirError, match="not of job 'ner-b'"):
+        rundir.claim_checkpoint_dir(config)
+    assert not (tmp_path / "run.lock").exists()  # released after the refusal
