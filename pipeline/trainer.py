@@ -326,6 +326,8 @@ class Trainer:
             self._evaluate_dev()
             self.stats.exclude(time.perf_counter() - started)  # throughput counts training time only
         stop_now, time_due = self._agree_on_stop_and_clock()
+        if stop_now and self.is_main:
+            logger.warning("step %d: stop requested by a signal; writing its training state, then exiting", step)
         # After the evaluation, so that the state carries this step's best metric.
         if (config.save_interval and step % config.save_interval == 0) or time_due or stop_now:
             self.progress.epoch, self.progress.batches_done = epoch, batch_index + 1
@@ -351,7 +353,8 @@ class Trainer:
         self.run_log.close()
         request = self.stop_request
         if request.requested:  # repeats are counted: they show that the launcher's burst did not kill this rank
-            cause = f"{request.signal_name} received" + (f", {request.count} signals in all" if request.count > 1 else "")
+            repeats = f", {request.count} signals in all" if request.count > 1 else ""
+            cause = f"{request.signal_name} received{repeats}"
         else:
             cause = "another rank received a stop signal"
         raise TrainingInterrupted(f"stopped after step {step} of {self.plan.total_steps} ({cause}); its training "
