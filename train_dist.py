@@ -4,6 +4,10 @@
     python -m paddle.distributed.launch --nproc_per_node 2 train_dist.py --config ...   # CPU workers
     python -m paddle.distributed.launch --gpus 0,1 train_dist.py --config ...   # GPU workers (use_gpu=auto)
     python train_dist.py --config configs/msra_m3e_small_quick.yaml --get checkpoint_dir   # one resolved value
+
+Exit codes: 0 done; 2 bad config, data or checkpoint_dir (a relaunch would fail the same way); 3 too many
+NaN/Inf steps in a row; 75 stopped by SIGTERM, SIGINT or SIGUSR1 after writing a training state (relaunch
+the same command to continue: pipeline/stop_signals.py).
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ def main(argv=None) -> int:
     from pipeline.runtime import (check_amp_on_device, current_device, set_deterministic, set_device, set_seed,
                                   setup_logging)
     from pipeline.splits import load_splits
-    from pipeline.trainer import BEST_MODEL_DIR, NumericalError, Trainer
+    from pipeline.stop_signals import RELAUNCH_EXIT_CODE, ignore_stop_signals
+    from pipeline.trainer import BEST_MODEL_DIR, NumericalError, Trainer, TrainingInterrupted
 
     lock = None
     try:
@@ -89,6 +94,11 @@ def main(argv=None) -> int:
     except NumericalError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as error:  # a stop signal: the state of the step every rank stopped after is written
+        ignore_stop_signals()  # the launcher signals the workers still alive once one exits: keep this exit code
+        print(error, file=sys.stderr, flush=True)
+        dist.shutdown()  # then `finally` releases the lock
+        return RELAUNCH_EXIT_CODE
     except CheckpointError as error:  # a state that cannot be resumed: relaunching would meet it again
         print(f"error: {error}", file=sys.stderr)
         return 2

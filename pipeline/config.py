@@ -130,6 +130,10 @@ class TrainConfig:
     early_stopping_patience: int = _doc("Stop after N evaluations without improvement (0: never).", 0)
     log_interval: int = _doc("Log loss, learning rate and throughput every N optimiser steps.", 10)
     save_interval: int = _doc("Write a training-state checkpoint every N optimiser steps (0: never).", 0)
+    save_minutes: float = _doc(
+        "Also write a training state after a step when this many minutes have passed since the last one "
+        "(or since training started) on any rank (0: never). A stop signal (SIGTERM, SIGINT, SIGUSR1) always "
+        "writes one for the step it stops after.", 0.0)
     keep_checkpoints: int = _doc("Training states kept under checkpoint_dir/checkpoints (older ones deleted).", 2)
     resume: str = _doc(
         "'auto': continue from the newest training state under checkpoint_dir/checkpoints (written every "
@@ -162,7 +166,7 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
         non_negative = (
             "max_train_examples", "max_dev_examples", "max_test_examples", "max_steps", "eval_interval",
-            "early_stopping_patience", "save_interval", "num_workers", "weight_decay", "max_grad_norm",
+            "early_stopping_patience", "save_interval", "save_minutes", "num_workers", "weight_decay", "max_grad_norm",
         )
         for key in non_negative:
             if getattr(self, key) < 0:

@@ -25,7 +25,7 @@ from .amp import AmpPolicy
 from .char_mapping import build_char_mapping
 from .checkpoint import (WEIGHTS_FILE, CheckpointError, TrainingProgress, add_metrics, latest_training_state,
                          load_char_mapping, load_training_state, load_weights, prune_training_states, resume_source,
-                         save_model_checkpoint, save_training_state, training_state_step)
+                         save_model_checkpoint, save_training_state, training_state_dir, training_state_step)
 from .config import TrainConfig, save_config
 from .cpu_env import release_freed_memory
 from .engines import DynamicEngine
@@ -41,6 +41,7 @@ from .optim import build_optimizer, clip_grads_, global_grad_norm
 from .run_log import RunLog, StepStats
 from .runtime import on_gpu
 from .splits import DataSplits
+from .stop_signals import RELAUNCH_EXIT_CODE, catch_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,27 @@ TEST_PREDICTIONS_FILE = "test_predictions.jsonl"
 
 class NumericalError(RuntimeError):
     """Too many optimiser steps in a row whose loss or gradients were NaN/Inf."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal arrived: every rank stopped after the same step, whose training state is written."""
+
+
+class SaveTimer:
+    """Whether ``save_minutes`` have passed on this rank's clock since the last training state."""
+
+    def __init__(self, minutes: float, clock=time.monotonic):
+        self.seconds = minutes * 60
+        self.clock = clock  # seconds; tests replace it
+        self.restart()
+
+    def restart(self):
+        """A training state was just written (or training starts)."""
+        self.since = self.clock()
+
+    def due(self) -> bool:
+        """True when time-based saving is on and its minutes have passed."""
+        return self.seconds > 0 and self.clock() - self.since >= self.seconds
 
 
 @dataclass
@@ -119,6 +141,7 @@ class Trainer:
         self.progress = TrainingProgress()
         self.stopped_early = False
         self.bad_in_a_row = 0
+        self.save_timer = SaveTimer(config.save_minutes)
 
     # ------------------------------------------------------------ the loop
 
@@ -126,19 +149,22 @@ class Trainer:
         """Train, evaluating on dev every ``eval_interval`` steps and at each epoch end; test the best model."""
         self._prepare()
         stop = False
-        for epoch in range(self.progress.epoch, self.plan.epochs):
-            for batch_index, (input_ids, label_ids) in self._batches_of(epoch):
-                if not self._forward_backward(input_ids, label_ids, batch_index):
-                    continue  # inside an accumulation group: no optimiser step yet
-                self._optimizer_step()
-                stop = self._after_step(epoch, batch_index)
-                if stop:
+        # Until the last step, a stop signal means: finish this step, write its state, raise TrainingInterrupted.
+        with catch_stop_signals() as self.stop_request:
+            self.save_timer.restart()
+            for epoch in range(self.progress.epoch, self.plan.epochs):
+                for batch_index, (input_ids, label_ids) in self._batches_of(epoch):
+                    if not self._forward_backward(input_ids, label_ids, batch_index):
+                        continue  # inside an accumulation group: no optimiser step yet
+                    self._optimizer_step()
+                    stop = self._after_step(epoch, batch_index)
+                    if stop:
+                        break
+                # Every epoch (and the run) ends with an evaluation, unless one ran at this very step.
+                if self.progress.evaluated_at != self.progress.step and not self.stopped_early:
+                    stop = self._evaluate_dev() or stop
+                if stop or self.progress.step >= self.plan.total_steps:
                     break
-            # Every epoch (and the run) ends with an evaluation, unless one ran at this very step.
-            if self.progress.evaluated_at != self.progress.step and not self.stopped_early:
-                stop = self._evaluate_dev() or stop
-            if stop:
-                break
         self.bar.close()
         if self.stopped_early and self.is_main:
             logger.info("early stopping at step %d: %d evaluations without improvement", self.progress.step,
@@ -220,6 +246,8 @@ class Trainer:
 
     def _batches_of(self, epoch: int):
         """``(batch_index, batch)`` of one epoch, without the batches a resumed run consumed already."""
+        if self.progress.step >= self.plan.total_steps:
+            return  # resumed from a state written at the last step (a stop there): no step is left to run
         self.sampler.set_epoch(epoch)
         resumed_epoch, skip = self.resumed_at
         if epoch != resumed_epoch:
@@ -287,7 +315,8 @@ class Trainer:
                 f"Lower learning_rate, check the data, or turn amp off.")
 
     def _after_step(self, epoch: int, batch_index: int) -> bool:
-        """Log, evaluate, save as the intervals say; True when the run should stop."""
+        """Log, evaluate, save as the intervals, the clock or a stop signal say; True when the run should
+        stop; raises TrainingInterrupted after the state of a signalled stop is written."""
         config, step = self.config, self.progress.step
         if step % config.log_interval == 0:
             self._log_training(step)
@@ -296,11 +325,41 @@ class Trainer:
             started = time.perf_counter()
             self._evaluate_dev()
             self.stats.exclude(time.perf_counter() - started)  # throughput counts training time only
+        stop_now, time_due = self._agree_on_stop_and_clock()
+        if stop_now and self.is_main:
+            logger.warning("step %d: stop requested by a signal; writing its training state, then exiting", step)
         # After the evaluation, so that the state carries this step's best metric.
-        if config.save_interval and step % config.save_interval == 0:
+        if (config.save_interval and step % config.save_interval == 0) or time_due or stop_now:
             self.progress.epoch, self.progress.batches_done = epoch, batch_index + 1
             self._save_training_state()
+        if stop_now:
+            self._stop_after(step)
         return self.stopped_early or step >= self.plan.total_steps
+
+    def _agree_on_stop_and_clock(self) -> tuple[bool, bool]:
+        """(a stop signal arrived, save_minutes passed) on any rank (collective with several workers).
+
+        Ranks get a signal at different moments (the launcher signals one worker after another) and
+        their clocks differ: the maximum over ranks makes all of them stop, or save, after the same step.
+        """
+        local = np.array([self.stop_request.requested, self.save_timer.due()], dtype=np.int64)
+        agreed = dist.all_reduce_max(local) if dist.get_world_size() > 1 else local
+        return bool(agreed[0]), bool(agreed[1])
+
+    def _stop_after(self, step: int):
+        """Every rank waits for rank 0's state of ``step``, then the run ends with TrainingInterrupted."""
+        dist.barrier()  # nobody exits (and gets the launcher to stop the others) before the state is complete
+        self.bar.close()
+        self.run_log.close()
+        request = self.stop_request
+        if request.requested:  # repeats are counted: they show that the launcher's burst did not kill this rank
+            repeats = f", {request.count} signals in all" if request.count > 1 else ""
+            cause = f"{request.signal_name} received{repeats}"
+        else:
+            cause = "another rank received a stop signal"
+        raise TrainingInterrupted(f"stopped after step {step} of {self.plan.total_steps} ({cause}); its training "
+                                  f"state is {training_state_dir(self.output_dir, step)}; rerun the same command "
+                                  f"to continue from it (exit code {RELAUNCH_EXIT_CODE}: relaunch me)")
 
     def _log_training(self, step: int):
         """The training figures since the last log line (collective: summed over ranks)."""
@@ -343,6 +402,7 @@ class Trainer:
             # Only after the new state is complete, so a crash here never leaves fewer than before.
             prune_training_states(self.output_dir, self.config.keep_checkpoints)
             release_freed_memory()
+        self.save_timer.restart()
 
     def _test_best_model(self) -> dict:
         """Reload the best weights on every rank, evaluate once on test, record the result."""
