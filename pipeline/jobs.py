@@ -15,6 +15,8 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .stop_signals import RELAUNCH_EXIT_CODE  # imports nothing heavy: no Paddle
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_DIR = ROOT / "launch"
 
@@ -41,10 +43,8 @@ export LOG_DIR=${LOG_DIR:-@@{log_root}/node-${NODE_RANK:-$(hostname)}}
 exec bash "${NERPIPE_ROOT:-.}/launch/multinode.sh" @@{overrides} "$@"
 """
 
-# The training's exit code for "stopped on a signal after saving a training state: relaunch me"
-# (EX_TEMPFAIL from sysexits.h); train_dist.py uses the same code. launch/supervise.sh and the Slurm
-# template relaunch it; 2 (bad input) and 3 (NaN/Inf stop) are never relaunched.
-RELAUNCH_EXIT_CODE = 75
+# launch/supervise.sh and the Slurm template relaunch the training's RELAUNCH_EXIT_CODE ("stopped on a
+# signal after saving a training state"); 2 (bad input) and 3 (NaN/Inf stop) are never relaunched.
 DO_NOT_RETRY_EXIT_CODES = (2, 3)
 
 # Object names: a DNS-1035 label (Kubeflow creates a Service per pod, and Service names must start with a
