@@ -192,12 +192,13 @@ def test_a_two_worker_resume_restores_each_ranks_own_rng_state(tiny_model_dir, t
     for rank in (0, 1):
         assert "step-00000004 at step 4" in (logs / f"workerlog.{rank}").read_text(), f"rank {rank} did not resume"
 
-    at_4, whole_8 = rng_digests(whole / "checkpoints" / "step-00000004"), rng_digests(whole / "checkpoints" / "step-00000008")
-    resumed_8 = rng_digests(resumed / "checkpoints" / "step-00000008")
+    at_4 = rng_digests(whole / "checkpoints" / "step-00000004")
+    whole_8, resumed_8 = (rng_digests(d / "checkpoints" / "step-00000008") for d in (whole, resumed))
     # The test can tell the ranks apart (their generators differ) and sees draws between steps 4 and 8.
     assert whole_8[0] != whole_8[1] and at_4[0] != whole_8[0] and at_4[1] != whole_8[1]
     # Rank by rank: had rank 1 been given rank 0's state, or none, its generator would be elsewhere now.
     assert resumed_8 == whole_8
-    final = {k: v.numpy() for k, v in paddle.load(str(resumed / "checkpoints" / "step-00000008" / "model.pdparams")).items()}
-    for name, value in paddle.load(str(whole / "checkpoints" / "step-00000008" / "model.pdparams")).items():
+    weights = [paddle.load(str(d / "checkpoints" / "step-00000008" / "model.pdparams")) for d in (whole, resumed)]
+    final = {k: v.numpy() for k, v in weights[1].items()}
+    for name, value in weights[0].items():
         np.testing.assert_allclose(final[name], value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
