@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from pipeline.checkpoint import CheckpointError, weights_digest
     from pipeline.metrics import SCORE_KEYS
     from pipeline.models import (ModelUnavailableError, build_token_classifier, build_tokenizer,
-                                 check_weights_available, resolve_model)
+                                 check_max_seq_len_fits, check_weights_available, resolve_model)
     from pipeline.readers import DataError
     from pipeline.rundir import claim_checkpoint_dir
     from pipeline.runtime import (check_amp_on_device, current_device, set_deterministic, set_device, set_seed,
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
         splits = load_splits(config)
         spec = resolve_model(config.model)
         check_weights_available(spec)
+        check_max_seq_len_fits(spec, config.max_seq_len)
     except (DataError, ModelUnavailableError, AssetError, ValueError, RuntimeError) as error:
         if lock is not None:
             lock.release()
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         print(error, file=sys.stderr, flush=True)
         dist.shutdown()  # then `finally` releases the lock
         return RELAUNCH_EXIT_CODE
-    except CheckpointError as error:  # a state that cannot be resumed: relaunching would meet it again
+    except CheckpointError as error:  # a state that cannot be resumed or written: a relaunch would meet it again
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
@@ -117,4 +118,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: a half-written file is dropped on the way out (pipeline/files.py)
+        print("error: interrupted (Ctrl-C); rerun the same command to resume from the newest training state "
+              "(checkpoint_dir/checkpoints, written every save_interval steps)", file=sys.stderr)
+        sys.exit(130)

@@ -10,6 +10,7 @@ crash mid-write never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -50,6 +51,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory that is incomplete or does not fit what is asked of it."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (a full disk, a read-only or vanished directory)."""
+
+
+@contextlib.contextmanager
+def _writing(target: Path):
+    """Turn an OSError while ``target`` is written into one CheckpointWriteError saying what survived."""
+    try:
+        yield
+    except OSError as error:
+        # atomic_directory has already dropped the half-written copy and left the previous one in place.
+        raise CheckpointWriteError(
+            f"could not write {target}: {error}; it was not replaced, so the previous training states and "
+            f"best_model/ are as they were. Free space (or make {target.parent} writable), then rerun the same "
+            f"command to resume from the newest training state") from error
+
+
 def float32_state_dict(model: paddle.nn.Layer) -> dict:
     """The model's weights in float32 (AMP O2 keeps half-precision parameters)."""
     state = {}
@@ -72,7 +90,7 @@ def save_model_checkpoint(directory, model, tokenizer, config: TrainConfig, labe
     """Write a complete, self-describing model directory atomically; rank 0 only (``char_mapping``:
     the aligner's, written when given)."""
     target = Path(directory)
-    with atomic_directory(target) as temporary:
+    with _writing(target), atomic_directory(target) as temporary:
         paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
         _test_pause()
         model.config.save_pretrained(str(temporary))
@@ -119,6 +137,9 @@ def read_meta(directory) -> dict:
                                   f"is its previous copy, left by a save killed between its two renames; the next "
                                   f"training run in that checkpoint_dir puts it back, or do it now: "
                                   f"mv '{old_copy}' '{directory}'")
+        if directory.exists():
+            raise CheckpointError(f"checkpoint {directory} is a file, not a directory; give the best_model/ directory "
+                                  f"that train_dist.py wrote (it holds {', '.join(REQUIRED_FILES)})")
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if missing:
@@ -309,7 +330,7 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
     ``rng_states`` is every rank's Paddle RNG state in rank order (ranks draw different dropout masks).
     """
     target = training_state_dir(output_dir, progress.step)
-    with atomic_directory(target) as temporary:
+    with _writing(target), atomic_directory(target) as temporary:
         paddle.save(float32_state_dict(model), str(temporary / WEIGHTS_FILE))
         _test_pause()
         paddle.save(portable_optimizer_state(model, optimizer), str(temporary / OPTIMIZER_FILE))

@@ -196,12 +196,44 @@ class TrainConfig:
             raise ConfigError("model must name a model or a directory")
         if self.resume not in ("auto", "off") and not Path(self.resume).is_dir():
             raise ConfigError(f"resume must be auto, off or an existing checkpoint directory, got {self.resume!r}")
-        if self.labels is not None and "O" not in self.labels:
-            raise ConfigError(f"labels must contain 'O', got {self.labels!r}")
+        if self.labels is not None:
+            _check_label_list(self.labels)
+        _check_checkpoint_dir(self.checkpoint_dir)
 
     def to_dict(self) -> dict:
         """Plain dict of every field, for YAML and checkpoints."""
         return dataclasses.asdict(self)
+
+
+def _check_label_list(labels: list[str]) -> None:
+    """A label list is strict BIO: 'O', and for every type both B- and I-, each label once."""
+    from .labels import bio_labels_for_types
+
+    if "O" not in labels:
+        raise ConfigError(f"labels must contain 'O', got {labels!r}")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        # Two ids for one label: the model would split its training signal between them.
+        raise ConfigError(f"labels must name each label once; repeated: {repeated}")
+    types = sorted({label[2:] for label in labels if label[:2] in ("B-", "I-") and len(label) > 2})
+    foreign = [label for label in labels if label not in bio_labels_for_types(types)]
+    if foreign:
+        raise ConfigError(f"labels must be strict BIO ('O', 'B-TYPE', 'I-TYPE'), got {foreign} "
+                          f"(files in another scheme are converted to BIO when read; list their BIO labels)")
+    unpaired = [f"{prefix}-{kind}" for kind in types for prefix in "BI" if f"{prefix}-{kind}" not in labels]
+    if unpaired:
+        raise ConfigError(f"labels must hold both B- and I- of every type; missing {unpaired}")
+
+
+def _check_checkpoint_dir(checkpoint_dir: str) -> None:
+    """checkpoint_dir is, or can become, a directory: neither it nor a parent is a file."""
+    path = Path(checkpoint_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is" if candidate == path else f"is under {candidate}, which is"
+                raise ConfigError(f"checkpoint_dir {checkpoint_dir} {where} a file, not a directory")
+            return
 
 
 def field_docs() -> dict[str, str]:
@@ -298,7 +330,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> T
         try:
             loaded = _read_yaml(config_path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+            raise ConfigError(_yaml_error_line(path, error)) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -307,6 +339,21 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> T
         values.update(_check_keys_and_types(loaded, str(path)))
     values.update(_check_keys_and_types(parse_overrides(list(overrides)), "command-line override"))
     return build_config(values, source=f"{path} + overrides" if path else "config")
+
+
+def _yaml_error_line(path, error: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one ``file:line:column: problem`` line (1-based, as editors count)."""
+    mark, context_mark = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+    mark = mark or context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    if context:
+        # e.g. "while parsing a flow sequence", which began where the mistake is (an unclosed bracket).
+        if context_mark is not None and context_mark is not mark:
+            context += f" begun at line {context_mark.line + 1}, column {context_mark.column + 1}"
+        problem = f"{problem} ({context})"
+    return f"{where}: not valid YAML: {problem}"
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

@@ -98,7 +98,9 @@ def sha256_of(path) -> str:
 def atomic_directory(target) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``target`` to fill; on success it replaces ``target``.
 
-    On an exception the temporary directory is removed and ``target`` is left as it was.
+    On an exception the temporary directory is removed and ``target`` is left as it was, also when
+    the exception is the second rename failing: the old copy is renamed back, or, should that fail
+    too, kept under its aside name for ``restore_interrupted_replacements``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -112,11 +114,18 @@ def atomic_directory(target) -> Iterator[Path]:
         _fsync_tree(temporary)  # every file on the disk before the new copy gets the real name
         if target.exists():
             os.replace(target, aside)
-        os.replace(temporary, target)
+        try:
+            os.replace(temporary, target)
+        except BaseException:
+            if aside.exists() and not target.exists():
+                os.replace(aside, target)
+            raise
         fsync_path(target.parent)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-        shutil.rmtree(aside, ignore_errors=True)
+        # The old copy goes only once a copy holds the name: never the last one there is.
+        if target.exists():
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:

@@ -413,6 +413,32 @@ def _check_directory_weights(spec: ModelSpec) -> None:
         )
 
 
+def input_token_limit(model_config: dict, model_type: str | None = None) -> int | None:
+    """How many tokens (special ones included) a model's position embeddings cover, from its config;
+    None when the config does not say."""
+    positions = model_config.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None
+    model_type = model_type or model_config.get("model_type")
+    if model_type == "roberta" or any("Roberta" in name for name in model_config.get("architectures") or []):
+        positions -= int(model_config.get("pad_token_id", 1)) + 1  # RoBERTa numbers positions from pad_token_id + 1
+    return positions
+
+
+def check_max_seq_len_fits(spec: ModelSpec, max_seq_len: int) -> None:
+    """Refuse a ``max_seq_len`` beyond the model's position embeddings (ValueError), before it is built:
+    otherwise the first window that long fails inside the embedding lookup, mid-training."""
+    if spec.source in _WEIGHTS_FILE:
+        model_config = read_json_object(os.path.join(spec.name, CONFIG_FILE), ValueError, _DAMAGED)
+    else:
+        model_config = getattr(spec.token_classifier_class, "pretrained_init_configuration", {}).get(spec.name) or {}
+    limit = input_token_limit(model_config, spec.model_type)
+    if limit is not None and max_seq_len > limit:
+        raise ValueError(f"max_seq_len {max_seq_len} is more than model {_label(spec)} can read: its position "
+                         f"embeddings cover {limit} tokens (max_position_embeddings in its config); set "
+                         f"max_seq_len={limit} or less (longer sentences are split into windows)")
+
+
 def build_tokenizer(spec: ModelSpec, lower_case: bool | None = None):
     """PaddleNLP tokenizer of the model; ``lower_case`` overrides do_lower_case where supported."""
     kwargs = {} if lower_case is None else {"do_lower_case": lower_case}

@@ -112,6 +112,8 @@ class Predictor:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
         # Read before any model is built: a bad recorded value fails at once.
         decoding = decoding or saved_decoding(directory, read_meta(directory))
+        if max_seq_len is not None:
+            _check_window_fits(directory, max_seq_len)
         paddle.set_device("gpu" if use_gpu else "cpu")
         static_dir = None
         if engine != "dynamic":
@@ -148,3 +150,17 @@ class Predictor:
             per_character = character_labels(text, unit, labels)
             results.append({"text": text, "labels": per_character, "entities": entities_of(text, per_character)})
         return results
+
+
+def _check_window_fits(directory, max_seq_len: int) -> None:
+    """A window longer than the checkpoint's position embeddings fails inside the model, on the first
+    long text: refused here instead (CheckpointError naming the limit)."""
+    from .checkpoint import MODEL_CONFIG_FILE, CheckpointError
+    from .files import read_json_object
+    from .models import input_token_limit
+
+    path = Path(directory) / MODEL_CONFIG_FILE
+    limit = input_token_limit(read_json_object(path, CheckpointError, "the checkpoint is damaged"))
+    if limit is not None and max_seq_len > limit:
+        raise CheckpointError(f"max_seq_len {max_seq_len} is more than the model in {directory} can read: its "
+                              f"position embeddings cover {limit} tokens ({path}); use {limit} or less")

@@ -154,6 +154,10 @@ def read_examples(path, data_format: str = "auto", tag_scheme: str = "auto") -> 
             raise DataError(path, number, f"{len(tokens)} tokens but {len(tags)} labels")
         if not tokens or tokens == [""]:
             raise DataError(path, number, "sentence has no tokens")
+        if "" in tokens:
+            # A token of zero characters has no piece: its label could never be learnt nor predicted.
+            raise DataError(path, number, f"token {tokens.index('') + 1} of {len(tokens)} is empty (zero "
+                                          f"characters; two separators in a row?)")
         raw.append((number, tokens, tags))
     if not raw:
         raise DataError(path, None, "file holds no sentences")

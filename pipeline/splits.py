@@ -7,13 +7,14 @@ instead of after the model has loaded (or, for test, after training).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .asset_cache import data_dir, is_complete
-from .labels import MSRA_LABELS, OUTSIDE
+from .labels import MSRA_LABELS, OUTSIDE, bio_labels_for_types, entity_types
 from .msra import MSRA_NAME
-from .readers import EXTENSION_FORMATS, DataError, Example, check_labels, label_list_from, read_examples
+from .readers import EXTENSION_FORMATS, DataError, Example, check_labels, read_examples
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,45 @@ def resolve_split_files(config) -> dict[str, Path | None]:
         if files[split] is None:
             raise DataError(directory, None, f"no {split} file found (expected {split}.tsv, {split}.conll, "
                                              f"{split}.txt or {split}.jsonl, or set {split}_file)")
+    for split in SPLIT_NAMES:
+        # Before any file is read: a mistyped dev_file should not wait for train to be read first.
+        if getattr(config, f"{split}_file") and not files[split].is_file() and (split != "test" or config.do_test):
+            raise DataError(files[split], None, f"{split}_file does not exist" if not files[split].exists()
+                            else f"{split}_file is not a file")
     return files
+
+
+def _warn_about_shared_files(files: dict[str, Path | None]) -> None:
+    """Warn when one file serves as two splits: its scores then say nothing about unseen text."""
+    used = [(split, path) for split, path in files.items() if path is not None]
+    for index, (split, path) in enumerate(used):
+        for other, other_path in used[:index]:
+            if os.path.samefile(path, other_path):
+                why = ("the model is trained on it" if other == "train" else "the model is selected on it")
+                logger.warning("%s and %s are the same file (%s): %s scores overstate accuracy on unseen text, "
+                               "as %s; use separate files", other, split, path, split, why)
+
+
+def _labels_with_types_unseen_in_train(splits: dict, files: dict) -> list[str]:
+    """The label list read from the data: train's entity types, and with a warning those only dev or
+    test hold (kept, so that their entities count as missed rather than vanishing from the scores)."""
+    train_types = set(entity_types(label for example in splits["train"] for label in example.labels))
+    found = set(train_types)
+    for split in ("dev", "test"):
+        if splits[split] is None:
+            continue
+        unseen = {}
+        for example in splits[split]:
+            for kind in entity_types(example.labels):
+                if kind not in train_types:
+                    unseen.setdefault(kind, example.source)
+        if unseen:
+            logger.warning("%s (%s) holds entity type(s) that train never shows: %s; the model cannot learn "
+                           "them, so their entities count as missed in every %s score", split, files[split],
+                           ", ".join(f"{kind} (first at {source})" for kind, source in sorted(unseen.items())),
+                           split)
+            found |= set(unseen)
+    return bio_labels_for_types(sorted(found))
 
 
 def load_splits(config) -> DataSplits:
@@ -87,7 +126,8 @@ def load_splits(config) -> DataSplits:
     elif config.dataset == MSRA_NAME and not config.train_file:
         labels = list(MSRA_LABELS)
     else:
-        labels = label_list_from(splits["train"])
+        labels = _labels_with_types_unseen_in_train(splits, files)
+    _warn_about_shared_files({split: files[split] for split in SPLIT_NAMES if splits[split] is not None})
     for split in SPLIT_NAMES:
         if splits[split] is not None:
             check_labels(splits[split], labels)
