@@ -10,6 +10,7 @@ import contextlib
 import paddle
 
 from .config import TrainConfig
+from .heads import head_of
 
 
 class AmpPolicy:
@@ -22,10 +23,17 @@ class AmpPolicy:
         # Only fp16 needs loss scaling: bf16 has float32's exponent range.
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=config.init_loss_scaling) if config.amp == "fp16" else None
 
+    @staticmethod
+    def float32_layers(model) -> list:
+        """Layers whose parameters O2 leaves in float32: the CRF, whose transitions meet the float32
+        emissions in its loss (computed outside autocast) and in the Viterbi scores saved with the model."""
+        return [model.crf] if head_of(model) == "crf" else []
+
     def decorate(self, model, optimizer):
-        """Cast parameters for O2 (keeping float32 master weights in the optimizer)."""
+        """Cast parameters for O2 (keeping float32 master weights in the optimizer), the CRF excepted."""
         if self.enabled and self.level == "O2":
-            return paddle.amp.decorate(models=model, optimizers=optimizer, level="O2", dtype=self.dtype)
+            return paddle.amp.decorate(models=model, optimizers=optimizer, level="O2", dtype=self.dtype,
+                                       excluded_layers=self.float32_layers(model))
         return model, optimizer
 
     def autocast(self):

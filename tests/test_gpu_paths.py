@@ -190,6 +190,45 @@ def test_bf16_stays_allowed_on_cpu_and_fp16_is_refused_there():
         runtime.check_amp_on_device("fp16")
 
 
+# ---------------------------------------------------------------- 7. CRF under O2
+
+
+def decorate_as_on_a_gpu(calls: list):
+    """``paddle.amp.decorate`` as it runs on a GPU. On CPU it returns the model unchanged (its device check in
+    ``amp/auto_cast.py``, ``amp_decorate``); past that check, O2 casts the layers' floating parameters with
+    ``amp_initialize`` (honouring ``excluded_layers``) and sets the optimiser's multi-precision (float32 master
+    weights): exactly what this does. ``calls`` receives each call's arguments."""
+    from paddle.amp.auto_cast import _set_multi_precision, amp_initialize
+
+    def decorate(models, optimizers=None, level="O1", dtype="float16", master_weight=None, save_dtype=None,
+                 master_grad=False, excluded_layers=None):
+        calls.append({"level": level, "dtype": dtype, "excluded_layers": excluded_layers})
+        if level == "O2":
+            amp_initialize(models=[models], dtype=dtype, excluded_layers=excluded_layers)
+            if optimizers is not None:
+                _set_multi_precision(optimizers, master_weight is not False)
+        return models if optimizers is None else (models, optimizers)
+
+    return decorate
+
+
+@pytest.mark.parametrize("amp, dtype, low", [("bf16", "bfloat16", paddle.bfloat16),
+                                             ("fp16", "float16", paddle.float16)])
+def test_crf_under_o2_keeps_its_transitions_float32(tiny_model_dir, tiny_dataset_dir, tmp_path, monkeypatch, amp,
+                                                    dtype, low):
+    calls = []
+    monkeypatch.setattr(paddle.amp, "decorate", decorate_as_on_a_gpu(calls))
+    trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path, to_static=False, head="crf", amp=amp,
+                           amp_level="O2", do_test=False)
+    trainer._prepare()
+    model = trainer.model
+    assert calls == [{"level": "O2", "dtype": dtype, "excluded_layers": [model.crf]}]
+    assert model.crf.transitions.dtype == paddle.float32
+    # The rest is cast as decorate casts it: the encoder's and the classifier's matrices in low precision.
+    assert model.classifier.weight.dtype == low
+    assert model.bert.encoder.layers[0].linear1.weight.dtype == low
+
+
 # ---------------------------------------------------------------- 9. determinism
 
 
