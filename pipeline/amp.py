@@ -1,13 +1,16 @@
 """Automatic mixed precision: the autocast context, O2 decoration and the fp16 loss scaler, from the config.
 
 One object owns every AMP decision, so the training step, evaluation during training and the
-NaN/Inf handling ask it instead of re-reading ``config.amp``.
+NaN/Inf handling ask it instead of re-reading ``config.amp``. Evaluation during training runs in
+float32 without autocast (``float32_weights``), as ``predict.py`` runs the saved model: the dev
+metrics that select ``best_model`` are those of the labels ``predict.py`` gives.
 """
 from __future__ import annotations
 
 import contextlib
 
 import paddle
+from paddle.amp.auto_cast import amp_initialize
 
 from .config import TrainConfig
 from .heads import head_of
@@ -37,10 +40,29 @@ class AmpPolicy:
         return model, optimizer
 
     def autocast(self):
-        """Context for forward passes, in training and evaluation alike."""
+        """Context for the training forward (evaluation runs under ``float32_weights`` instead)."""
         if not self.enabled:
             return contextlib.nullcontext()
         return paddle.amp.auto_cast(enable=True, level=self.level, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def float32_weights(self, model):
+        """Evaluate as ``predict.py`` runs the saved model: in float32, outside autocast.
+
+        Under O2 the parameters are float16/bfloat16 between steps; for the duration they are cast to
+        float32, the very values ``model.pdparams`` holds (saving casts them up the same way), and back
+        afterwards with ``decorate``'s own cast (``amp_initialize``, the same layers kept float32), which
+        gives the same values again: float32 holds every float16 and bfloat16 value exactly. Casting is in
+        place, so the optimiser and DataParallel keep their parameters. Without O2 nothing is cast.
+        """
+        low_precision = any(p.dtype in (paddle.float16, paddle.bfloat16) for p in model.parameters())
+        if low_precision:
+            model.float()
+        try:
+            yield model
+        finally:
+            if low_precision:
+                amp_initialize(models=[model], dtype=self.dtype, excluded_layers=self.float32_layers(model))
 
     def backward(self, loss):
         """Backward of the (scaled, for fp16) loss."""

@@ -347,7 +347,9 @@ class Trainer:
     def _test_best_model(self) -> dict:
         """Reload the best weights on every rank, evaluate once on test, record the result."""
         self._load_best()
-        counts, predictions = evaluate(self.labeller(), self.splits.test, description="test", keep_predictions=True)
+        with self.amp.float32_weights(self.model):
+            counts, predictions = evaluate(self.labeller(), self.splits.test, description="test",
+                                           keep_predictions=True)
         summary = counts.summary()
         if self.is_main:
             # What the test metrics were computed from, so anyone can recompute them (e.g. with seqeval).
@@ -366,13 +368,15 @@ class Trainer:
     # ------------------------------------------------------------ evaluation, saving, resuming
 
     def labeller(self) -> TokenLabeller:
-        """The evaluation engine over the bare model, under the training AMP policy."""
-        return TokenLabeller(DynamicEngine(self.model, autocast=self.amp.autocast), self.aligner, self.labels,
-                             self.config.eval_batch_size, decoding=self.config.decoding)
+        """The evaluation engine over the bare model, as predict.py runs it; use it under
+        ``self.amp.float32_weights`` (float32, no autocast) so that its labels are predict.py's."""
+        return TokenLabeller(DynamicEngine(self.model), self.aligner, self.labels, self.config.eval_batch_size,
+                             decoding=self.config.decoding)
 
     def evaluate_split(self, examples, name: str) -> dict:
-        """Exact P/R/F1 summary on a split (collective: every rank calls it)."""
-        counts = evaluate(self.labeller(), examples, description=name)
+        """Exact P/R/F1 summary on a split, in float32 as predict.py computes it (collective: every rank calls it)."""
+        with self.amp.float32_weights(self.model):
+            counts = evaluate(self.labeller(), examples, description=name)
         return counts.summary()
 
     def _save_best(self, summary: dict):

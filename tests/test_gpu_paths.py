@@ -3,10 +3,13 @@ the launcher's variables, Paddle's own choices) is simulated by monkeypatching e
 pipeline's decision is asserted. Nothing here initialises CUDA or NCCL."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import paddle
 import pytest
 
@@ -244,6 +247,79 @@ def test_deterministic_sets_paddles_flags_on_a_gpu_build(monkeypatch):
 
 def test_deterministic_on_a_cpu_build_sets_nothing_and_does_not_fail():
     assert runtime.set_deterministic() == {}
+
+
+# ---------------------------------------------------------------- 10. metrics = predictions
+
+
+class AutocastAsOnAGpu:
+    """What bf16 autocast changes on a GPU, for Paddle's autocast has no effect on CPU ("amp_guard can only
+    be enabled on CUDAPlace", ``amp/auto_cast.py``): every linear layer (white-listed ``matmul``) takes
+    bfloat16 inputs and weights and returns bfloat16. Simulated by rounding them to bfloat16 (CPU has the
+    cast kernels) around the float32 product. Called like ``paddle.amp.auto_cast``; counts the forwards
+    of layers in eval mode (evaluation, not training) that ran under it."""
+
+    def __init__(self):
+        self.evaluation_forwards = 0
+
+    @contextlib.contextmanager
+    def __call__(self, enable=True, level="O1", dtype="bfloat16", **unused):
+        original = paddle.nn.Linear.forward
+
+        def rounded(tensor):
+            return tensor.astype(dtype).astype("float32")
+
+        def low_precision_forward(layer, input):
+            self.evaluation_forwards += not layer.training
+            return rounded(paddle.nn.functional.linear(rounded(input), rounded(layer.weight), layer.bias))
+
+        paddle.nn.Linear.forward = low_precision_forward if enable else original
+        try:
+            yield
+        finally:
+            paddle.nn.Linear.forward = original
+
+
+def test_metrics_equal_predictions_evaluation_during_training_gives_predict_pys_labels(
+        tiny_model_dir, tiny_dataset_dir, tmp_path, monkeypatch):
+    import predict
+    from pipeline.labels import entity_types
+    from pipeline.metrics import EntityCounts
+    from pipeline.readers import read_examples
+
+    autocast = AutocastAsOnAGpu()
+    monkeypatch.setattr(paddle.amp, "auto_cast", autocast)
+    out = tmp_path / "run"
+    trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, out, amp="bf16", to_static=False, max_steps=24,
+                           eval_interval=12, learning_rate=3e-3)
+    # The simulation changes the numbers: the training forward's logits are not float32's.
+    input_ids = paddle.to_tensor([[2, 10, 11, 12, 3]])
+    with autocast():
+        simulated = trainer.model(input_ids).numpy()
+    assert not np.array_equal(simulated, trainer.model(input_ids).numpy())
+    autocast.evaluation_forwards = 0
+    result = trainer.fit()
+    # Evaluation ran in float32: no dev or test forward went through the (simulated) autocast.
+    assert autocast.evaluation_forwards == 0
+    best = out / "best_model"
+    saved = json.loads((best / "metrics.json").read_text())
+    for split in ("dev", "test"):
+        examples, _ = read_examples(tiny_dataset_dir / f"{split}.tsv")
+        texts = tmp_path / f"{split}.txt"
+        texts.write_text("".join("".join(e.tokens) + "\n" for e in examples), encoding="utf-8")
+        predicted = tmp_path / f"{split}.jsonl"
+        assert predict.main(["--checkpoint", str(best), "--input", str(texts), "--output", str(predicted)]) == 0
+        labels = [json.loads(line)["labels"] for line in predicted.read_text(encoding="utf-8").splitlines()]
+        counts = EntityCounts(entity_types(trainer.labels))
+        counts.update([e.labels for e in examples], labels)
+        recomputed = counts.summary()
+        assert recomputed["f1"] > 0, "a model that finds no entity would agree trivially"
+        for key in ("precision", "recall", "f1", "strict_f1"):
+            assert recomputed[key] == saved[split][key], (split, key)
+    # The test evaluation's own labels are predict.py's, token for token.
+    test_predictions = [json.loads(line)["predicted"] for line in (out / "test_predictions.jsonl").open()]
+    assert test_predictions == labels
+    assert result.test == saved["test"]
 
 
 # ---------------------------------------------------------------- 11. GPU inference
