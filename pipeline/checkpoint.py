@@ -51,7 +51,8 @@ class CheckpointError(RuntimeError):
 
 
 def float32_state_dict(model: paddle.nn.Layer) -> dict:
-    """The model's weights in float32 (AMP O2 keeps half-precision parameters)."""
+    """The model's weights in float32 (AMP O2 keeps half-precision parameters): every saved
+    ``model.pdparams`` is float32, whatever the training precision."""
     state = {}
     for name, tensor in model.state_dict().items():
         if tensor.dtype in (paddle.float16, paddle.bfloat16):
@@ -155,7 +156,8 @@ def saved_decoding(directory, meta: dict) -> str:
 
 
 def load_weights(model: paddle.nn.Layer, path) -> None:
-    """Load a state dict, failing on any missing, unexpected or mis-shaped weight."""
+    """Load a state dict, failing on any missing, unexpected or mis-shaped weight; each tensor is cast to
+    its parameter's dtype (float32 files into an O2 model's float16/bfloat16 parameters)."""
     try:
         state = paddle.load(str(path))
     except Exception as error:  # Paddle raises assorted types for truncated or foreign files
@@ -172,7 +174,15 @@ def load_weights(model: paddle.nn.Layer, path) -> None:
                   if list(state[k].shape) != list(own[k].shape)]
     if mismatched:
         raise CheckpointError(f"{path} does not fit the model (label set or architecture differs): {mismatched[:5]}")
-    model.set_state_dict(state)
+    # Saved weights are float32, but AMP O2 leaves a model's parameters float16/bfloat16 (decorate casts
+    # them in place), and set_state_dict refuses any other dtype ("Variable dtype not match").
+    model.set_state_dict({name: _as_dtype(tensor, own[name].dtype) for name, tensor in state.items()})
+
+
+def _as_dtype(tensor, dtype):
+    if not isinstance(tensor, paddle.Tensor):
+        tensor = paddle.to_tensor(tensor)
+    return tensor if tensor.dtype == dtype else tensor.astype(dtype)
 
 
 def load_tokenizer_and_meta(directory) -> tuple[dict, object]:

@@ -171,6 +171,61 @@ def test_cpu_stays_cpu_matmul_bias_grad_follows_the_device_in_use(tiny_model_dir
     assert len(installed) == (0 if simulated_gpu else 1)
 
 
+# ---------------------------------------------------------------- 3. O2 does not crash at the end
+
+
+def simulate_o2_training(monkeypatch, calls: list):
+    """A run under O2 as on a GPU, on CPU: ``paddle.amp.decorate`` casts the parameters as it does past its GPU
+    check (``decorate_as_on_a_gpu``), so they are float16/bfloat16 whenever the trainer saves, evaluates or
+    loads weights. CPU has no low-precision kernels for BERT's ops ("kernel add is not registered for
+    bfloat16"), so each training step alone runs with the parameters cast to float32, and they are cast back
+    with decorate's own cast after it. Not simulated: the low-precision arithmetic and the master weights."""
+    from paddle.amp.auto_cast import amp_initialize
+
+    import pipeline.trainer as trainer_module
+
+    monkeypatch.setattr(paddle.amp, "decorate", decorate_as_on_a_gpu(calls))
+    forward_backward, optimizer_step = trainer_module.Trainer._forward_backward, trainer_module.Trainer._optimizer_step
+
+    def in_float32(self, *args):
+        self.model.float()
+        return forward_backward(self, *args)
+
+    def cast_back_after(self, *args):
+        applied = optimizer_step(self, *args)
+        amp_initialize(models=[self.model], dtype=self.amp.dtype,
+                       excluded_layers=self.amp.float32_layers(self.model))
+        return applied
+
+    monkeypatch.setattr(trainer_module.Trainer, "_forward_backward", in_float32)
+    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", cast_back_after)
+
+
+@pytest.mark.parametrize("amp, low", [("bf16", paddle.bfloat16), ("fp16", paddle.float16)])
+def test_o2_runs_to_the_end_saves_float32_and_predict_loads_it(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                               monkeypatch, amp, low):
+    import predict
+    from pipeline.readers import read_examples
+
+    calls = []
+    simulate_o2_training(monkeypatch, calls)
+    out = tmp_path / "run"
+    trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, out, amp=amp, amp_level="O2", to_static=False,
+                           max_steps=4, eval_interval=2, save_interval=2, do_test=True)
+    result = trainer.fit()  # ends by loading best_model's float32 weights into the O2 model, then tests it
+    assert [call["level"] for call in calls] == ["O2"] and result.global_step == 4 and result.test is not None
+    assert {p.dtype for p in trainer.model.parameters()} >= {low}  # still the decorated model after the reload
+    for weights in (out / "best_model" / "model.pdparams", out / "checkpoints" / "step-00000004" / "model.pdparams"):
+        assert {tensor.dtype for tensor in paddle.load(str(weights)).values()} == {paddle.float32}, weights
+    examples, _ = read_examples(tiny_dataset_dir / "test.tsv")
+    texts, predicted = tmp_path / "test.txt", tmp_path / "test.jsonl"
+    texts.write_text("".join("".join(e.tokens) + "\n" for e in examples), encoding="utf-8")
+    assert predict.main(["--checkpoint", str(out / "best_model"), "--input", str(texts),
+                         "--output", str(predicted)]) == 0
+    labels = [json.loads(line)["labels"] for line in predicted.read_text(encoding="utf-8").splitlines()]
+    assert labels == [json.loads(line)["predicted"] for line in (out / "test_predictions.jsonl").open()]
+
+
 # ---------------------------------------------------------------- 6. bf16 where it exists
 
 
