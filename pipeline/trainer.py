@@ -24,8 +24,8 @@ from .alignment import Aligner
 from .amp import AmpPolicy
 from .char_mapping import build_char_mapping
 from .checkpoint import (WEIGHTS_FILE, CheckpointError, TrainingProgress, add_metrics, latest_training_state,
-                         load_char_mapping, load_training_state, load_weights, prune_training_states, resume_source,
-                         save_model_checkpoint, save_training_state, training_state_step)
+                         load_char_mapping, load_training_state, load_weights, own_rng_state, prune_training_states,
+                         resume_source, save_model_checkpoint, save_training_state, training_state_step)
 from .config import TrainConfig, save_config
 from .cpu_env import release_freed_memory
 from .engines import DynamicEngine
@@ -39,7 +39,7 @@ from .metrics import SCORE_KEYS
 from .models import token_logits
 from .optim import build_optimizer, clip_grads_, global_grad_norm
 from .run_log import RunLog, StepStats
-from .runtime import on_gpu
+from .runtime import current_device, on_gpu
 from .splits import DataSplits
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class Trainer:
         if source is not None:
             # Before AMP decoration and DataParallel, so both start from the restored weights.
             self.progress = load_training_state(source, self.model, self.optimizer, self.schedule, dist.get_rank(),
-                                                dist.get_world_size(), self.amp.scaler)
+                                                dist.get_world_size(), self.amp.scaler, current_device())
             logger.warning("resumed from %s at step %d (epoch %d, %d batches into it)", source, self.progress.step,
                            self.progress.epoch, self.progress.batches_done)
         self.resumed_at = (self.progress.epoch, self._batches_to_skip())
@@ -335,8 +335,8 @@ class Trainer:
         return self.stopped_early
 
     def _save_training_state(self):
-        """Rank 0 writes the full training state; every rank's RNG state goes with it."""
-        rng_states = dist.all_gather_objects(paddle.get_rng_state())  # collective: every rank
+        """Rank 0 writes the full training state; every rank's own RNG state goes with it."""
+        rng_states = dist.all_gather_objects(own_rng_state(current_device()))  # collective: every rank
         if self.is_main:
             save_training_state(self.output_dir, self.model, self.optimizer, self.schedule, self.config,
                                 self.progress, rng_states, self.amp.scaler_state(), self.aligner.char_mapping)

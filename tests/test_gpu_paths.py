@@ -226,6 +226,58 @@ def test_o2_runs_to_the_end_saves_float32_and_predict_loads_it(tiny_model_dir, t
     assert labels == [json.loads(line)["predicted"] for line in (out / "test_predictions.jsonl").open()]
 
 
+# ---------------------------------------------------------------- 4. resume across device counts
+
+
+def _generator_states(*seeds):
+    """Real generator states that tell apart by their seed (``current_seed``)."""
+    states = []
+    for seed in seeds:
+        paddle.seed(seed)
+        states.append(paddle.get_rng_state()[0])
+    return states
+
+
+def test_resume_across_device_counts_saves_this_workers_own_card_and_resumes_on_cpu(
+        tiny_model_dir, tiny_dataset_dir, tmp_path, monkeypatch, caplog):
+    import pipeline.trainer as trainer_module
+    from pipeline.checkpoint import RNG_FILE
+
+    out = tmp_path / "run"
+    card_0, card_1 = _generator_states(100, 101)
+    # A worker given GPU 1 of two visible cards: Paddle returns one state per visible GPU.
+    with monkeypatch.context() as simulated:
+        simulated.setattr(paddle, "get_rng_state", lambda device=None: [card_0, card_1])
+        simulated.setattr(trainer_module, "current_device", lambda: "gpu:1")
+        make_trainer(tiny_model_dir, tiny_dataset_dir, out, max_steps=2, save_interval=2, eval_interval=0,
+                     do_test=False, to_static=False).fit()
+    saved = paddle.load(str(out / "checkpoints" / "step-00000002" / RNG_FILE))["own_per_rank"]
+    assert [(s["device"], s["state"].current_seed()) for s in saved] == [("gpu", 101)]
+    # Resumed on this CPU: a warning, then the remaining steps.
+    with caplog.at_level("WARNING"):
+        result = make_trainer(tiny_model_dir, tiny_dataset_dir, out, max_steps=4, save_interval=2, eval_interval=0,
+                              do_test=False, to_static=False).fit()
+    assert result.global_step == 4
+    assert "was written on GPU and is resumed on CPU" in caplog.text
+
+
+def test_resume_across_device_counts_restores_only_this_workers_card(monkeypatch, caplog):
+    from pipeline.checkpoint import own_rng_state, restore_own_rng_state
+
+    saved_card, *visible = _generator_states(7, 20, 21, 22)
+    set_to = []
+    monkeypatch.setattr(paddle, "get_rng_state", lambda device=None: list(visible))
+    monkeypatch.setattr(paddle, "set_rng_state", lambda states, device=None: set_to.append(states))
+    # Written on one GPU, resumed as the worker on GPU 2 of three: set_rng_state gets three states.
+    restore_own_rng_state({"device": "gpu", "state": saved_card}, "gpu:2", "state")
+    assert [s.current_seed() for s in set_to[0]] == [20, 21, 7]
+    assert own_rng_state("gpu:1")["state"].current_seed() == 21
+    # Written on CPU, resumed on a GPU: a warning, the generators untouched.
+    with caplog.at_level("WARNING"):
+        restore_own_rng_state({"device": "cpu", "state": saved_card}, "gpu:0", "state")
+    assert len(set_to) == 1 and "written on CPU and is resumed on GPU" in caplog.text
+
+
 # ---------------------------------------------------------------- 6. bf16 where it exists
 
 
