@@ -25,6 +25,8 @@ class AmpPolicy:
         self.level = config.amp_level
         # Only fp16 needs loss scaling: bf16 has float32's exponent range.
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=config.init_loss_scaling) if config.amp == "fp16" else None
+        if self.scaler is not None and not self.scaler.is_enable():
+            self.scaler = None  # Paddle disables it off a GPU (amp/grad_scaler.py): it would skip nothing
 
     @staticmethod
     def float32_layers(model) -> list:
@@ -73,19 +75,28 @@ class AmpPolicy:
         if self.scaler:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer):
-        """Optimiser step; with fp16 the scaler skips on Inf/NaN (found when unscaling) and adapts the scale."""
-        if self.scaler:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
+    def step(self, optimizer, grad_norm) -> bool:
+        """Apply the (unscaled, clipped) gradients unless they are not finite; True when applied.
 
-    def skip(self, optimizer):
-        """A step whose gradients are not finite: only the fp16 scaler acts (it skips the update itself and
-        lowers the scale); without one there is nothing to do."""
-        if self.scaler:
-            self.step(optimizer)
+        The one host read of a step is whether to skip it: Paddle's dygraph optimizer needs that on the
+        host (``Optimizer._create_optimization_pass`` reads the scaler's ``found_inf``, leaving a Python
+        bool in its place). With fp16 that read is Paddle's own; otherwise it is the finiteness of
+        ``grad_norm``, computed on the device. The norm itself is not read.
+        """
+        if self.scaler is None:
+            if not bool(paddle.isfinite(grad_norm).all()):
+                return False
+            optimizer.step()
+            return True
+        self.scaler.step(optimizer)  # skips the update itself when unscale_ found Inf/NaN
+        skipped = self._scaler_skipped()
+        self.scaler.update()  # lowers the scale after a skip, raises it after enough good steps
+        return not skipped
+
+    def _scaler_skipped(self) -> bool:
+        # GradScaler.step keeps the optimiser's verdict in _cache_found_inf (amp/grad_scaler.py): the Python
+        # bool Paddle's optimiser left after reading found_inf, so reading it costs no device sync.
+        return bool(self.scaler._cache_found_inf)
 
     def scaler_state(self) -> dict | None:
         """The loss scaler's state for a training state, or None without one."""

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import paddle
 
 from . import dist
 from .metrics import SCORE_KEYS
@@ -37,8 +38,9 @@ class StepStats:
         """Leave time spent outside training steps (evaluation) out of the next throughput figure."""
         self.excluded += seconds
 
-    def add_grad_norm(self, norm: float):
-        """Norm before clipping of a step that was taken (skipped NaN/Inf steps are logged apart)."""
+    def add_grad_norm(self, norm):
+        """Norm before clipping of a step that was taken (skipped NaN/Inf steps are logged apart), a device
+        tensor read only by ``reduce``."""
         self.grad_norms.append(norm)
 
     def add(self, loss, real_tokens, computed_tokens: int):
@@ -57,7 +59,7 @@ class StepStats:
         loss_sum = float(self.loss) if self.loss is not None else 0.0
         real = int(self.real_tokens) if self.real_tokens is not None else 0
         seconds = time.perf_counter() - self.started - self.excluded
-        grad_norm = sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None
+        grad_norm = float(paddle.add_n(self.grad_norms)) / len(self.grad_norms) if self.grad_norms else None
         totals = dist.all_reduce_sum(np.array([loss_sum, self.batches, real, self.computed], dtype=np.float64))
         seconds = float(dist.all_reduce_max(np.array([seconds], dtype=np.float64))[0])
         self._reset()

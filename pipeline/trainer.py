@@ -175,6 +175,8 @@ class Trainer:
                            self.progress.epoch, self.progress.batches_done)
         self.resumed_at = (self.progress.epoch, self._batches_to_skip())
         self.progress.windows_per_batch = config.batch_size * dist.get_world_size()
+        # On CPU a host read of a tensor waits for nothing; on a GPU it waits for the queued work (clipping).
+        self.host_reads_are_free = not on_gpu()
         if config.matmul_bias_grad and not on_gpu() and not self.amp.enabled:  # the device in use, not the flag
             # Before to_static traces the forward, so the traced program has the matmul form.
             install_matmul_bias_grad(self.model)
@@ -247,18 +249,20 @@ class Trainer:
     def _optimizer_step(self) -> bool:
         """Clip and apply the accumulated gradients, or skip them if not finite; True when applied.
 
-        One norm serves the NaN/Inf check and clipping. The gradients are all-reduced already, so
-        every rank sees the same norm and takes the same branch. A skipped step still counts, as
-        with the fp16 scaler: steps and batches stay in lockstep.
+        One norm serves the NaN/Inf check and clipping; it stays on the device (on a GPU the only host
+        read of a step is whether to skip it: ``AmpPolicy.step``), and is read on log steps. The
+        gradients are all-reduced already, so every rank sees the same norm and takes the same branch.
+        A skipped step still counts, as with the fp16 scaler: steps and batches stay in lockstep.
         """
         progress = self.progress
         self.amp.unscale(self.optimizer)
-        grad_norm = global_grad_norm(self.model.parameters())
-        finite = math.isfinite(grad_norm)
-        if finite:
-            clip_grads_(self.model.parameters(), self.config.max_grad_norm, grad_norm)
+        parameters = self.model.parameters()
+        grad_norm = global_grad_norm(parameters)
+        # Non-finite gradients stay non-finite when clipped, and are skipped after.
+        clip_grads_(parameters, self.config.max_grad_norm, grad_norm, skip_unclipped=self.host_reads_are_free)
+        applied = self.amp.step(self.optimizer, grad_norm)
+        if applied:
             self.stats.add_grad_norm(grad_norm)
-            self.amp.step(self.optimizer)
             self.bad_in_a_row = 0
         else:
             self._skip_bad_step()
@@ -266,14 +270,13 @@ class Trainer:
         self.schedule.step()
         progress.step += 1
         self.bar.update(1)
-        return finite
+        return applied
 
     def _skip_bad_step(self):
         """Count a NaN/Inf step; stop the run when ``max_bad_steps`` come in a row."""
         progress, config = self.progress, self.config
         progress.bad_steps += 1
         self.bad_in_a_row += 1
-        self.amp.skip(self.optimizer)
         if self.is_main:
             logger.warning("step %d: loss or gradients are NaN/Inf; update skipped (%d in a row, %d in all)",
                            progress.step + 1, self.bad_in_a_row, progress.bad_steps)

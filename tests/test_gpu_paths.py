@@ -339,6 +339,80 @@ def test_crf_under_o2_keeps_its_transitions_float32(tiny_model_dir, tiny_dataset
     assert model.bert.encoder.layers[0].linear1.weight.dtype == low
 
 
+# ---------------------------------------------------------------- 8. no host sync per step
+
+HOST_READS = ("__float__", "__int__", "__bool__", "__index__", "item", "numpy", "tolist")
+
+
+def count_host_reads(monkeypatch) -> list:
+    """Every read of a tensor's value into Python (what makes the host wait for a GPU), as (method, dtype);
+    one per read, though Paddle's ``__bool__`` and ``__float__`` call ``numpy`` inside."""
+    reads, inside = [], []
+    for name in HOST_READS:
+        original = getattr(paddle.Tensor, name)
+
+        def recording(tensor, *args, _original=original, _name=name, **kwargs):
+            if not inside:
+                reads.append((_name, str(tensor.dtype)))
+            inside.append(_name)
+            try:
+                return _original(tensor, *args, **kwargs)
+            finally:
+                inside.pop()
+
+        monkeypatch.setattr(paddle.Tensor, name, recording)
+    return reads
+
+
+def reads_per_step(monkeypatch, trainer) -> dict:
+    """Host reads between the end of one optimiser step and the end of the next, by step."""
+    import pipeline.trainer as trainer_module
+
+    reads, per_step, after_step = count_host_reads(monkeypatch), {}, trainer_module.Trainer._after_step
+
+    def recording_after_step(self, epoch, batch_index):
+        per_step[self.progress.step] = list(reads)
+        reads.clear()
+        return after_step(self, epoch, batch_index)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_after_step", recording_after_step)
+    return per_step
+
+
+@pytest.mark.parametrize("to_static", [True, False])
+def test_no_host_sync_per_step_but_the_skip_decision_on_a_gpu(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                              monkeypatch, to_static):
+    import pipeline.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "on_gpu", lambda: True)  # the device in use, as the trainer sees it
+    trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path / "run", max_steps=5, log_interval=5,
+                           eval_interval=0, do_test=False, to_static=to_static, max_grad_norm=1e-3)
+    per_step = reads_per_step(monkeypatch, trainer)
+    trainer.fit()
+    # Steps 2-4 are not log steps (1 holds the set-up): one read each, the boolean that decides whether Paddle's
+    # optimiser may apply the step. Neither the norm (clipped on the device: max_grad_norm clips every step
+    # here) nor the loss is read.
+    assert [per_step[step] for step in (2, 3, 4)] == [[("__bool__", "paddle.bool")]] * 3
+    logged = [json.loads(line) for line in (tmp_path / "run" / "train_metrics.jsonl").open()]
+    assert [record["step"] for record in logged] == [5] and logged[0]["grad_norm"] > 1e-3  # read on the log step
+
+
+def test_no_host_sync_per_step_clipping_on_the_device_equals_clipping_after_a_read(tiny_model_dir, tiny_dataset_dir,
+                                                                                   tmp_path, monkeypatch):
+    import pipeline.trainer as trainer_module
+
+    weights = []
+    for simulated_gpu in (False, True):
+        monkeypatch.setattr(trainer_module, "on_gpu", lambda: simulated_gpu)
+        trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path / str(simulated_gpu), max_steps=3,
+                               eval_interval=0, do_test=False, to_static=False, max_grad_norm=0.5,
+                               matmul_bias_grad=False)
+        trainer.fit()
+        weights.append({name: tensor.numpy() for name, tensor in trainer.model.state_dict().items()})
+    for name, value in weights[0].items():
+        np.testing.assert_allclose(weights[1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 # ---------------------------------------------------------------- 9. determinism
 
 

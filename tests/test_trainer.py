@@ -43,9 +43,10 @@ def test_clipping_bounds_every_update_to_the_clipped_gradient(tiny_model_dir, ti
                            do_test=False, eval_interval=0)
     seen = []
 
-    def observing_step(self, optimizer):
-        seen.append(optim.global_grad_norm(trainer.model.parameters()))
+    def observing_step(self, optimizer, grad_norm):
+        seen.append(float(optim.global_grad_norm(trainer.model.parameters())))
         optimizer.step()
+        return True
 
     monkeypatch.setattr("pipeline.amp.AmpPolicy.step", observing_step)
     trainer.fit()
