@@ -8,12 +8,21 @@ metrics that select ``best_model`` are those of the labels ``predict.py`` gives.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import paddle
 from paddle.amp.auto_cast import amp_initialize
 
 from .config import TrainConfig
 from .heads import head_of
+
+# What an optimiser step came to (``AmpPolicy.step``).
+APPLIED = "applied"
+LOSS_SCALE_OVERFLOW = "loss-scale overflow"  # fp16 gradients overflowed the scale: skipped, scale lowered
+NOT_FINITE = "not finite"  # NaN/Inf that no loss scale explains: a bad step, counted toward max_bad_steps
+# At a scale of 1 the gradients are not scaled at all (Paddle's scaler has no floor and halves on): an
+# overflow at or below it is the gradients' own, not the scale's.
+LOSS_SCALE_FLOOR = 1.0
 
 
 class AmpPolicy:
@@ -75,23 +84,32 @@ class AmpPolicy:
         if self.scaler:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer, grad_norm) -> bool:
-        """Apply the (unscaled, clipped) gradients unless they are not finite; True when applied.
+    def step(self, optimizer, grad_norm, loss) -> str:
+        """Apply the (unscaled, clipped) gradients unless they are not finite: APPLIED, LOSS_SCALE_OVERFLOW
+        or NOT_FINITE.
 
         The one host read of a step is whether to skip it: Paddle's dygraph optimizer needs that on the
         host (``Optimizer._create_optimization_pass`` reads the scaler's ``found_inf``, leaving a Python
         bool in its place). With fp16 that read is Paddle's own; otherwise it is the finiteness of
         ``grad_norm``, computed on the device. The norm itself is not read.
+
+        With fp16 a skipped step is a LOSS_SCALE_OVERFLOW, the scaler's ordinary business (it lowers the
+        scale and goes on), when the scale was above ``LOSS_SCALE_FLOOR`` and the step's ``loss`` (a
+        device tensor, read only then) finite; otherwise the scaler cannot explain it: NOT_FINITE.
         """
         if self.scaler is None:
             if not bool(paddle.isfinite(grad_norm).all()):
-                return False
+                return NOT_FINITE
             optimizer.step()
-            return True
+            return APPLIED
         self.scaler.step(optimizer)  # skips the update itself when unscale_ found Inf/NaN
-        skipped = self._scaler_skipped()
+        outcome = APPLIED
+        if self._scaler_skipped():
+            scale = float(self.scaler.state_dict()["scale"])  # the scale that overflowed, before update lowers it
+            explained = scale > LOSS_SCALE_FLOOR and math.isfinite(float(loss))
+            outcome = LOSS_SCALE_OVERFLOW if explained else NOT_FINITE
         self.scaler.update()  # lowers the scale after a skip, raises it after enough good steps
-        return not skipped
+        return outcome
 
     def _scaler_skipped(self) -> bool:
         # GradScaler.step keeps the optimiser's verdict in _cache_found_inf (amp/grad_scaler.py): the Python

@@ -280,6 +280,7 @@ class TrainingProgress:
     history: list = field(default_factory=list)  # every dev evaluation's record, in order
     evaluated_at: int | None = None  # step of this epoch's last dev evaluation, so the epoch end skips a repeat
     bad_steps: int = 0  # steps whose loss or gradients were NaN/Inf (their update skipped)
+    loss_scale_overflows: int = 0  # fp16 steps the loss scaler skipped (not bad steps)
 
     def to_state(self) -> dict:
         """The JSON form written into ``training_state.json``."""

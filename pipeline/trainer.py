@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import dist
 from .alignment import Aligner
-from .amp import AmpPolicy
+from .amp import APPLIED, LOSS_SCALE_OVERFLOW, AmpPolicy
 from .char_mapping import build_char_mapping
 from .checkpoint import (WEIGHTS_FILE, CheckpointError, TrainingProgress, add_metrics, latest_training_state,
                          load_char_mapping, load_training_state, load_weights, own_rng_state, prune_training_states,
@@ -64,6 +64,7 @@ class TrainingResult:
     stopped_early: bool = False
     history: list = field(default_factory=list)
     bad_steps: int = 0  # steps skipped because their loss or gradients were not finite
+    loss_scale_overflows: int = 0  # fp16 steps the loss scaler skipped (and lowered its scale): not bad steps
 
 
 @dataclass
@@ -118,7 +119,8 @@ class Trainer:
         self.is_main = dist.is_main_process()
         self.progress = TrainingProgress()
         self.stopped_early = False
-        self.bad_in_a_row = 0
+        self.bad_in_a_row = 0  # NaN/Inf steps in a row that the loss scaler does not explain
+        self.step_loss = None
 
     # ------------------------------------------------------------ the loop
 
@@ -148,9 +150,12 @@ class Trainer:
         if self.progress.bad_steps and self.is_main:
             logger.warning("%d step(s) were skipped because their loss or gradients were NaN/Inf",
                            self.progress.bad_steps)
+        if self.progress.loss_scale_overflows and self.is_main:
+            logger.info("%d step(s) were skipped by the fp16 loss scaler (gradients overflowed its scale, which it "
+                        "lowered; usual early in a run, not counted as bad steps)", self.progress.loss_scale_overflows)
         progress = self.progress
         return TrainingResult(progress.step, progress.best_metric, progress.best_dev, test, self.stopped_early,
-                              progress.history, progress.bad_steps)
+                              progress.history, progress.bad_steps, progress.loss_scale_overflows)
 
     # ------------------------------------------------------------ the steps
 
@@ -243,11 +248,16 @@ class Trainer:
         with sync:
             loss = self.wrapped(input_ids, label_ids)
             self.amp.backward(loss / config.grad_accum_steps)
+        # The accumulation group's loss, on the device: read only when the loss scaler skips the step.
+        self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
         self.stats.add(loss.detach(), (input_ids != self.aligner.pad_id).astype("int64").sum(), input_ids.size)
         return boundary
 
     def _optimizer_step(self) -> bool:
         """Clip and apply the accumulated gradients, or skip them if not finite; True when applied.
+
+        fp16 overflows that the loss scaler explains (``AmpPolicy.step``) are counted apart, as
+        ``loss_scale_overflows``; only the other non-finite steps count toward ``max_bad_steps``.
 
         One norm serves the NaN/Inf check and clipping; it stays on the device (on a GPU the only host
         read of a step is whether to skip it: ``AmpPolicy.step``), and is read on log steps. The
@@ -260,17 +270,22 @@ class Trainer:
         grad_norm = global_grad_norm(parameters)
         # Non-finite gradients stay non-finite when clipped, and are skipped after.
         clip_grads_(parameters, self.config.max_grad_norm, grad_norm, skip_unclipped=self.host_reads_are_free)
-        applied = self.amp.step(self.optimizer, grad_norm)
-        if applied:
+        outcome = self.amp.step(self.optimizer, grad_norm, self.step_loss)
+        self.step_loss = None
+        if outcome == APPLIED:
             self.stats.add_grad_norm(grad_norm)
             self.bad_in_a_row = 0
+        elif outcome == LOSS_SCALE_OVERFLOW:
+            # Neither a bad step nor a good one: bad_in_a_row goes on from where it was.
+            progress.loss_scale_overflows += 1
+            self.stats.add_loss_scale_overflow()
         else:
             self._skip_bad_step()
         self.optimizer.clear_grad()
         self.schedule.step()
         progress.step += 1
         self.bar.update(1)
-        return applied
+        return outcome == APPLIED
 
     def _skip_bad_step(self):
         """Count a NaN/Inf step; stop the run when ``max_bad_steps`` come in a row."""

@@ -278,6 +278,86 @@ def test_resume_across_device_counts_restores_only_this_workers_card(monkeypatch
     assert len(set_to) == 1 and "written on CPU and is resumed on GPU" in caplog.text
 
 
+# ---------------------------------------------------------------- 5. fp16 overflows are not NaN failures
+
+
+class GradScalerAsOnAGpu:
+    """``paddle.amp.GradScaler`` as it behaves on a GPU (on CPU Paddle disables it: "AmpScaler can only be
+    enabled on CUDAPlace"), with the gradients of the first ``overflows`` steps overflowing its scale, or
+    of every step (``overflows=None``). As in ``amp/grad_scaler.py``: ``unscale_`` divides the gradients by
+    the scale and sets found_inf; ``step`` skips the update when it is set and keeps the verdict in
+    ``_cache_found_inf`` (a Python bool, as Paddle's optimiser leaves it); ``update`` halves the scale after
+    an overflow (decr_every_n_nan_or_inf=1). ``scales`` records the scale of every step."""
+
+    def __init__(self, overflows, init_loss_scaling):
+        self.overflows, self.scale_value, self.steps, self.scales = overflows, init_loss_scaling, 0, []
+        self._cache_found_inf = None
+
+    def is_enable(self):
+        return True
+
+    def scale(self, loss):
+        return loss * self.scale_value
+
+    @paddle.no_grad()
+    def unscale_(self, optimizer):
+        self.found_inf = self.overflows is None or self.steps < self.overflows
+        for parameter in optimizer._parameter_list:
+            if parameter.grad is not None:
+                parameter.grad.scale_(1 / self.scale_value)
+        if self.found_inf:  # what an fp16 overflow leaves in a gradient
+            next(p for p in optimizer._parameter_list if p.grad is not None).grad.fill_(float("inf"))
+
+    def step(self, optimizer):
+        self._cache_found_inf = self.found_inf
+        if not self.found_inf:
+            optimizer.step()
+
+    def update(self):
+        self.scales.append(self.scale_value)
+        self.steps += 1
+        if self._cache_found_inf:
+            self.scale_value /= 2
+
+    def state_dict(self):
+        return {"scale": np.array([self.scale_value], dtype=np.float32)}
+
+    def load_state_dict(self, state):
+        self.scale_value = float(state["scale"][0])
+
+
+def test_fp16_overflows_early_in_a_run_are_counted_apart_and_never_stop_it(tiny_model_dir, tiny_dataset_dir,
+                                                                           tmp_path, monkeypatch, caplog):
+    scalers = []
+    monkeypatch.setattr(paddle.amp, "GradScaler", lambda init_loss_scaling: scalers.append(
+        GradScalerAsOnAGpu(overflows=6, init_loss_scaling=init_loss_scaling)) or scalers[-1])
+    out = tmp_path / "run"
+    trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, out, amp="fp16", max_steps=8, max_bad_steps=2,
+                           log_interval=4, eval_interval=0, do_test=False, to_static=False)
+    with caplog.at_level("INFO"):
+        result = trainer.fit()  # 6 overflows in a row, max_bad_steps=2: no NumericalError
+    assert result.global_step == 8 and result.loss_scale_overflows == 6 and result.bad_steps == 0
+    assert scalers[0].scales == [32768.0 / 2 ** min(i, 6) for i in range(8)]
+    logged = [json.loads(line) for line in (out / "train_metrics.jsonl").open()]
+    assert [(r["step"], r["loss_scale_overflows"]) for r in logged] == [(4, 4), (8, 2)]
+    assert logged[0]["grad_norm"] is None and logged[1]["grad_norm"] > 0  # steps 7 and 8 were applied
+    assert "4 step(s) skipped by the fp16 loss scaler" in caplog.text and "NaN/Inf" not in caplog.text
+
+
+def test_fp16_overflows_the_scaler_cannot_explain_are_bad_steps(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                                monkeypatch):
+    from pipeline.trainer import NumericalError
+
+    monkeypatch.setattr(paddle.amp, "GradScaler",
+                        lambda init_loss_scaling: GradScalerAsOnAGpu(None, init_loss_scaling))
+    # From a scale of 4, steps 1-2 overflow at 4 and 2; at 1 (the floor) the gradients overflow unscaled.
+    trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path / "run", amp="fp16", init_loss_scaling=4.0,
+                           max_steps=8, max_bad_steps=3, eval_interval=0, do_test=False, to_static=False)
+    with pytest.raises(NumericalError, match="stopping at step 5: 3 steps in a row"):
+        trainer.fit()
+    assert (trainer.progress.loss_scale_overflows, trainer.progress.bad_steps) == (2, 3)
+
+
 # ---------------------------------------------------------------- 6. bf16 where it exists
 
 
