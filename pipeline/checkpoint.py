@@ -69,7 +69,8 @@ def _writing(target: Path):
 
 
 def float32_state_dict(model: paddle.nn.Layer) -> dict:
-    """The model's weights in float32 (AMP O2 keeps half-precision parameters)."""
+    """The model's weights in float32 (AMP O2 keeps half-precision parameters): every saved
+    ``model.pdparams`` is float32, whatever the training precision."""
     state = {}
     for name, tensor in model.state_dict().items():
         if tensor.dtype in (paddle.float16, paddle.bfloat16):
@@ -176,7 +177,8 @@ def saved_decoding(directory, meta: dict) -> str:
 
 
 def load_weights(model: paddle.nn.Layer, path) -> None:
-    """Load a state dict, failing on any missing, unexpected or mis-shaped weight."""
+    """Load a state dict, failing on any missing, unexpected or mis-shaped weight; each tensor is cast to
+    its parameter's dtype (float32 files into an O2 model's float16/bfloat16 parameters)."""
     try:
         state = paddle.load(str(path))
     except Exception as error:  # Paddle raises assorted types for truncated or foreign files
@@ -193,7 +195,15 @@ def load_weights(model: paddle.nn.Layer, path) -> None:
                   if list(state[k].shape) != list(own[k].shape)]
     if mismatched:
         raise CheckpointError(f"{path} does not fit the model (label set or architecture differs): {mismatched[:5]}")
-    model.set_state_dict(state)
+    # Saved weights are float32, but AMP O2 leaves a model's parameters float16/bfloat16 (decorate casts
+    # them in place), and set_state_dict refuses any other dtype ("Variable dtype not match").
+    model.set_state_dict({name: _as_dtype(tensor, own[name].dtype) for name, tensor in state.items()})
+
+
+def _as_dtype(tensor, dtype):
+    if not isinstance(tensor, paddle.Tensor):
+        tensor = paddle.to_tensor(tensor)
+    return tensor if tensor.dtype == dtype else tensor.astype(dtype)
 
 
 def load_tokenizer_and_meta(directory) -> tuple[dict, object]:
@@ -291,6 +301,7 @@ class TrainingProgress:
     history: list = field(default_factory=list)  # every dev evaluation's record, in order
     evaluated_at: int | None = None  # step of this epoch's last dev evaluation, so the epoch end skips a repeat
     bad_steps: int = 0  # steps whose loss or gradients were NaN/Inf (their update skipped)
+    loss_scale_overflows: int = 0  # fp16 steps the loss scaler skipped (not bad steps)
 
     def to_state(self) -> dict:
         """The JSON form written into ``training_state.json``."""
@@ -327,7 +338,7 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
                         char_mapping: dict[str, str] | None = None) -> Path:
     """Weights, optimiser, schedule, RNG, loss scaler and loop progress, written atomically; rank 0 only.
 
-    ``rng_states`` is every rank's Paddle RNG state in rank order (ranks draw different dropout masks).
+    ``rng_states`` is every rank's ``own_rng_state`` in rank order (ranks draw different dropout masks).
     """
     target = training_state_dir(output_dir, progress.step)
     with _writing(target), atomic_directory(target) as temporary:
@@ -335,7 +346,7 @@ def save_training_state(output_dir, model, optimizer, schedule, config: TrainCon
         _test_pause()
         paddle.save(portable_optimizer_state(model, optimizer), str(temporary / OPTIMIZER_FILE))
         # Dropout draws from Paddle's generator: restoring it makes a resumed run repeat the same masks.
-        paddle.save({"paddle_per_rank": list(rng_states)}, str(temporary / RNG_FILE))
+        paddle.save({"own_per_rank": list(rng_states)}, str(temporary / RNG_FILE))
         if scaler_state is not None:
             paddle.save(scaler_state, str(temporary / SCALER_FILE))
         write_json(temporary / TRAINING_STATE_FILE, {**progress.to_state(), "schedule": schedule.state_dict()})
@@ -412,9 +423,9 @@ def resume_source(config: TrainConfig) -> Path | None:
 
 
 def load_training_state(directory, model, optimizer, schedule, rank: int = 0, world_size: int = 1,
-                        scaler=None) -> TrainingProgress:
-    """Restore weights, optimiser, schedule, this rank's RNG and the loss scaler from ``directory``;
-    return the loop progress."""
+                        scaler=None, device: str = "cpu") -> TrainingProgress:
+    """Restore weights, optimiser, schedule, this rank's RNG (on ``device``, Paddle's 'cpu' or 'gpu:N')
+    and the loss scaler from ``directory``; return the loop progress."""
     directory = Path(directory)
     missing = [n for n in TRAINING_STATE_FILES if not (directory / n).is_file()]
     if missing:
@@ -423,16 +434,53 @@ def load_training_state(directory, model, optimizer, schedule, rank: int = 0, wo
     load_portable_optimizer_state(model, optimizer, paddle.load(str(directory / OPTIMIZER_FILE)))
     state = read_json_object(directory / TRAINING_STATE_FILE, CheckpointError, _DAMAGED)
     schedule.set_state_dict(state.pop("schedule"))
-    rng = paddle.load(str(directory / RNG_FILE))
-    per_rank = rng["paddle_per_rank"] if "paddle_per_rank" in rng else [rng["paddle"]]  # states before per-rank RNG
+    per_rank = _own_rng_states_of(paddle.load(str(directory / RNG_FILE)))
     if len(per_rank) != world_size:
         logging.getLogger(__name__).warning(
             "%s was written by %d workers and is resumed by %d: dropout masks will differ from an "
             "uninterrupted run (everything else is restored exactly)", directory, len(per_rank), world_size)
-    paddle.set_rng_state(per_rank[rank % len(per_rank)])
+    restore_own_rng_state(per_rank[rank % len(per_rank)], device, directory)
     if scaler is not None and (directory / SCALER_FILE).is_file():
         scaler.load_state_dict(paddle.load(str(directory / SCALER_FILE)))
     return TrainingProgress.from_state(state)
+
+
+def own_rng_state(device: str) -> dict:
+    """This process's own generator state on ``device`` ('cpu' or 'gpu:N', ``paddle.get_device()``).
+
+    On a GPU ``paddle.get_rng_state()`` returns one state per visible GPU (``framework/random.py``), and
+    under the launcher every worker sees every card: a worker draws its dropout masks from its own card's
+    generator only, so that one is kept, and a resume on another number of GPUs can still restore it.
+    """
+    kind, _, index = device.partition(":")
+    states = paddle.get_rng_state()
+    return {"device": kind, "state": states[int(index or 0) if kind == "gpu" else 0]}
+
+
+def _own_rng_states_of(saved: dict) -> list[dict]:
+    """Every rank's ``own_rng_state`` from an RNG file, the older layouts included: a ``get_rng_state()``
+    list per rank (``paddle_per_rank``), or one list for the whole run (``paddle``). Those were written
+    by CPU runs, whose list is the CPU generator alone."""
+    if "own_per_rank" in saved:
+        return list(saved["own_per_rank"])
+    lists = saved["paddle_per_rank"] if "paddle_per_rank" in saved else [saved["paddle"]]
+    return [{"device": "cpu" if len(states) == 1 else "gpu", "state": states[0]} for states in lists]
+
+
+def restore_own_rng_state(saved: dict, device: str, source) -> None:
+    """Set this process's generator on ``device`` to ``saved`` (an ``own_rng_state``), leaving the other
+    cards' generators as they are, so any GPU count works (``set_rng_state`` wants one state per visible
+    GPU). A state written on another kind of device (CPU <-> GPU) cannot be restored: warn and go on."""
+    kind, _, index = device.partition(":")
+    if saved["device"] != kind:
+        logging.getLogger(__name__).warning(
+            "%s was written on %s and is resumed on %s: its random generator state cannot be restored there, "
+            "so dropout masks will differ from an uninterrupted run (everything else is restored exactly)",
+            source, saved["device"].upper(), kind.upper())
+        return
+    states = list(paddle.get_rng_state())
+    states[int(index or 0) if kind == "gpu" else 0] = saved["state"]
+    paddle.set_rng_state(states)
 
 
 def weights_digest(model: paddle.nn.Layer) -> str:

@@ -9,10 +9,9 @@ Inference, whose settings live here too. Any object with ``logits`` and
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Callable, ContextManager, Protocol
+from typing import Protocol
 
 import numpy as np
 import paddle
@@ -42,18 +41,14 @@ class Engine(Protocol):
 
 
 class DynamicEngine:
-    """Logits of a padded batch from a dynamic-graph token classifier (``paddle.nn.Layer``).
-
-    ``autocast``: an optional zero-argument callable returning a context manager
-    that each forward runs under (training passes its AMP policy's, which O2
-    weights need); None runs the forward as it is.
-    """
+    """Logits of a padded batch from a dynamic-graph token classifier (``paddle.nn.Layer``), in the
+    parameters' own precision, never under autocast: evaluation during training runs it on float32
+    weights (``AmpPolicy.float32_weights``), so that its labels are predict.py's."""
 
     name = "dynamic"
 
-    def __init__(self, model: paddle.nn.Layer, autocast: Callable[[], ContextManager] | None = None):
+    def __init__(self, model: paddle.nn.Layer):
         self.model = model
-        self.autocast = autocast or contextlib.nullcontext
 
     @paddle.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -61,8 +56,7 @@ class DynamicEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.autocast():
-                logits = token_logits(self.model, paddle.to_tensor(input_ids))
+            logits = token_logits(self.model, paddle.to_tensor(input_ids))
             return logits.astype("float32").numpy()
         finally:
             if was_training:

@@ -3,13 +3,11 @@
 Gradient clipping is not the optimiser's: the trainer computes the global gradient
 norm once per step (``global_grad_norm``) and uses that one number both to skip
 steps whose gradients are NaN/Inf and to clip (``clip_grads_``). Paddle's
-``ClipGradByGlobalNorm`` inside the optimiser would compute the norm a second time
-and multiply every gradient by the clip factor even when that factor is 1: a
-pass over every gradient that changes nothing.
+``ClipGradByGlobalNorm`` inside the optimiser would compute the norm a second time.
+The norm stays a tensor on the device: on a GPU reading it (``float()``) makes the
+host wait for the step, so the trainer reads it on log steps only.
 """
 from __future__ import annotations
-
-import math
 
 import paddle
 from paddlenlp.transformers import LinearDecayWithWarmup
@@ -58,29 +56,40 @@ def _gradients(parameters) -> list:
 
 
 @paddle.no_grad()
-def global_grad_norm(parameters) -> float:
+def global_grad_norm(parameters) -> paddle.Tensor:
     """L2 norm of all gradients together (float32 sums, whatever the gradients' dtype); NaN/Inf if any is.
 
-    One host sync. With data parallelism the gradients are already all-reduced, so
-    every rank gets the same number and takes the same decisions from it.
+    A float32 tensor on the gradients' device, not read here. With data parallelism the gradients
+    are already all-reduced, so every rank gets the same number and takes the same decisions from it.
     """
     grads = _gradients(parameters)
     if not grads:
-        return 0.0
+        return paddle.zeros([1], dtype="float32")
     squares = [_squared_l2_norm(g if g.dtype == paddle.float32 else g.astype("float32")) for g in grads]
-    return math.sqrt(float(paddle.add_n(squares)))
+    return paddle.sqrt(paddle.add_n(squares))
 
 
 @paddle.no_grad()
-def clip_grads_(parameters, max_norm: float, norm: float) -> bool:
-    """Scale gradients in place so that their global norm is ``max_norm``, if ``norm`` exceeds it.
+def clip_grads_(parameters, max_norm: float, norm: paddle.Tensor, skip_unclipped: bool = True) -> bool:
+    """Scale gradients in place so that their global norm ``norm`` is at most ``max_norm``.
 
-    Same factor as ``paddle.nn.ClipGradByGlobalNorm`` (max_norm / max(norm, max_norm)),
-    applied only when it is below 1. Returns whether the gradients were scaled.
+    The factor is ``paddle.nn.ClipGradByGlobalNorm``'s, max_norm / max(norm, max_norm). With
+    ``skip_unclipped`` (on CPU, where reading the norm costs nothing) the norm is read and gradients
+    within ``max_norm`` are left alone: a pass over every gradient that would change nothing. Without it
+    (on a GPU, where the read would stall the device) every gradient is multiplied by the factor on the
+    device, as Paddle's clip does. Returns whether the gradients were (or, on the device, may have been) scaled.
     """
-    if max_norm <= 0 or not norm > max_norm:
+    if max_norm <= 0:
         return False
-    factor = max_norm / norm
+    if skip_unclipped:
+        value = float(norm)
+        if not value > max_norm:
+            return False
+        factor = max_norm / value
+        for grad in _gradients(parameters):
+            grad.scale_(factor)
+        return True
+    factor = max_norm / paddle.maximum(norm, paddle.full_like(norm, max_norm))
     for grad in _gradients(parameters):
-        grad.scale_(factor)
+        grad.multiply_(factor.astype(grad.dtype))
     return True

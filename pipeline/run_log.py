@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import paddle
 
 from . import dist
 from .metrics import SCORE_KEYS
@@ -31,15 +32,21 @@ class StepStats:
 
     def _reset(self):
         self.loss, self.real_tokens, self.batches, self.computed, self.grad_norms = None, None, 0, 0, []
+        self.loss_scale_overflows = 0
         self.started, self.excluded = time.perf_counter(), 0.0
 
     def exclude(self, seconds: float):
         """Leave time spent outside training steps (evaluation) out of the next throughput figure."""
         self.excluded += seconds
 
-    def add_grad_norm(self, norm: float):
-        """Norm before clipping of a step that was taken (skipped NaN/Inf steps are logged apart)."""
+    def add_grad_norm(self, norm):
+        """Norm before clipping of a step that was taken (skipped NaN/Inf steps are logged apart), a device
+        tensor read only by ``reduce``."""
         self.grad_norms.append(norm)
+
+    def add_loss_scale_overflow(self):
+        """A step the fp16 loss scaler skipped (alike on every rank: the gradients are all-reduced)."""
+        self.loss_scale_overflows += 1
 
     def add(self, loss, real_tokens, computed_tokens: int):
         """One micro-batch: its loss and real (non-padding) token count as device tensors, its padded size."""
@@ -57,12 +64,14 @@ class StepStats:
         loss_sum = float(self.loss) if self.loss is not None else 0.0
         real = int(self.real_tokens) if self.real_tokens is not None else 0
         seconds = time.perf_counter() - self.started - self.excluded
-        grad_norm = sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else None
+        grad_norm = float(paddle.add_n(self.grad_norms)) / len(self.grad_norms) if self.grad_norms else None
         totals = dist.all_reduce_sum(np.array([loss_sum, self.batches, real, self.computed], dtype=np.float64))
         seconds = float(dist.all_reduce_max(np.array([seconds], dtype=np.float64))[0])
+        overflows = self.loss_scale_overflows
         self._reset()
         return {"loss": totals[0] / max(totals[1], 1), "tokens_per_second": totals[2] / max(seconds, 1e-9),
-                "padding": 1 - totals[2] / max(totals[3], 1), "grad_norm": grad_norm}
+                "padding": 1 - totals[2] / max(totals[3], 1), "grad_norm": grad_norm,
+                "loss_scale_overflows": overflows}
 
 
 class RunLog:
@@ -96,6 +105,9 @@ class RunLog:
             return
         grad_norm = figures["grad_norm"]
         norm_text = f", grad norm {grad_norm:.3f}" if grad_norm is not None else ""
+        overflows = figures["loss_scale_overflows"]
+        if overflows:
+            norm_text += f", {overflows} step(s) skipped by the fp16 loss scaler (overflow, scale lowered)"
         logger.info("step %d: loss %.4f, lr %.3e, %.0f real tokens/s, padding %.1f%%%s", step, figures["loss"],
                     learning_rate, figures["tokens_per_second"], 100 * figures["padding"], norm_text)
         scalars = {"train/loss": figures["loss"], "train/lr": learning_rate,
@@ -106,7 +118,8 @@ class RunLog:
         # The same figures as a plain file, for plots and reports without VisualDL.
         self._append(TRAIN_HISTORY_FILE, {"step": step, "loss": figures["loss"], "lr": learning_rate,
                                           "tokens_per_second": figures["tokens_per_second"],
-                                          "padding": figures["padding"], "grad_norm": grad_norm})
+                                          "padding": figures["padding"], "grad_norm": grad_norm,
+                                          "loss_scale_overflows": overflows})
 
     def evaluation(self, record: dict):
         """One dev evaluation: log line, ``eval/*`` scalars and its ``dev_metrics.jsonl`` record."""

@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 from . import dist
 from .alignment import Aligner
-from .amp import AmpPolicy
+from .amp import APPLIED, LOSS_SCALE_OVERFLOW, AmpPolicy
 from .char_mapping import build_char_mapping
 from .checkpoint import (WEIGHTS_FILE, CheckpointError, TrainingProgress, add_metrics, latest_training_state,
-                         load_char_mapping, load_training_state, load_weights, prune_training_states, resume_source,
-                         save_model_checkpoint, save_training_state, training_state_dir, training_state_step)
+                         load_char_mapping, load_training_state, load_weights, own_rng_state, prune_training_states,
+                         resume_source, save_model_checkpoint, save_training_state, training_state_dir,
+                         training_state_step)
 from .config import TrainConfig, save_config
 from .cpu_env import release_freed_memory
 from .engines import DynamicEngine
@@ -39,7 +40,7 @@ from .metrics import SCORE_KEYS
 from .models import token_logits
 from .optim import build_optimizer, clip_grads_, global_grad_norm
 from .run_log import RunLog, StepStats
-from .runtime import on_gpu
+from .runtime import current_device, on_gpu
 from .splits import DataSplits
 from .stop_signals import RELAUNCH_EXIT_CODE, catch_stop_signals
 
@@ -86,6 +87,7 @@ class TrainingResult:
     stopped_early: bool = False
     history: list = field(default_factory=list)
     bad_steps: int = 0  # steps skipped because their loss or gradients were not finite
+    loss_scale_overflows: int = 0  # fp16 steps the loss scaler skipped (and lowered its scale): not bad steps
 
 
 @dataclass
@@ -140,7 +142,8 @@ class Trainer:
         self.is_main = dist.is_main_process()
         self.progress = TrainingProgress()
         self.stopped_early = False
-        self.bad_in_a_row = 0
+        self.bad_in_a_row = 0  # NaN/Inf steps in a row that the loss scaler does not explain
+        self.step_loss = None
         self.save_timer = SaveTimer(config.save_minutes)
 
     # ------------------------------------------------------------ the loop
@@ -174,9 +177,12 @@ class Trainer:
         if self.progress.bad_steps and self.is_main:
             logger.warning("%d step(s) were skipped because their loss or gradients were NaN/Inf",
                            self.progress.bad_steps)
+        if self.progress.loss_scale_overflows and self.is_main:
+            logger.info("%d step(s) were skipped by the fp16 loss scaler (gradients overflowed its scale, which it "
+                        "lowered; usual early in a run, not counted as bad steps)", self.progress.loss_scale_overflows)
         progress = self.progress
         return TrainingResult(progress.step, progress.best_metric, progress.best_dev, test, self.stopped_early,
-                              progress.history, progress.bad_steps)
+                              progress.history, progress.bad_steps, progress.loss_scale_overflows)
 
     # ------------------------------------------------------------ the steps
 
@@ -196,11 +202,13 @@ class Trainer:
         if source is not None:
             # Before AMP decoration and DataParallel, so both start from the restored weights.
             self.progress = load_training_state(source, self.model, self.optimizer, self.schedule, dist.get_rank(),
-                                                dist.get_world_size(), self.amp.scaler)
+                                                dist.get_world_size(), self.amp.scaler, current_device())
             logger.warning("resumed from %s at step %d (epoch %d, %d batches into it)", source, self.progress.step,
                            self.progress.epoch, self.progress.batches_done)
         self.resumed_at = (self.progress.epoch, self._batches_to_skip())
         self.progress.windows_per_batch = config.batch_size * dist.get_world_size()
+        # On CPU a host read of a tensor waits for nothing; on a GPU it waits for the queued work (clipping).
+        self.host_reads_are_free = not on_gpu()
         if config.matmul_bias_grad and not on_gpu() and not self.amp.enabled:  # the device in use, not the flag
             # Before to_static traces the forward, so the traced program has the matmul form.
             install_matmul_bias_grad(self.model)
@@ -269,39 +277,50 @@ class Trainer:
         with sync:
             loss = self.wrapped(input_ids, label_ids)
             self.amp.backward(loss / config.grad_accum_steps)
+        # The accumulation group's loss, on the device: read only when the loss scaler skips the step.
+        self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
         self.stats.add(loss.detach(), (input_ids != self.aligner.pad_id).astype("int64").sum(), input_ids.size)
         return boundary
 
     def _optimizer_step(self) -> bool:
         """Clip and apply the accumulated gradients, or skip them if not finite; True when applied.
 
-        One norm serves the NaN/Inf check and clipping. The gradients are all-reduced already, so
-        every rank sees the same norm and takes the same branch. A skipped step still counts, as
-        with the fp16 scaler: steps and batches stay in lockstep.
+        fp16 overflows that the loss scaler explains (``AmpPolicy.step``) are counted apart, as
+        ``loss_scale_overflows``; only the other non-finite steps count toward ``max_bad_steps``.
+
+        One norm serves the NaN/Inf check and clipping; it stays on the device (on a GPU the only host
+        read of a step is whether to skip it: ``AmpPolicy.step``), and is read on log steps. The
+        gradients are all-reduced already, so every rank sees the same norm and takes the same branch.
+        A skipped step still counts, as with the fp16 scaler: steps and batches stay in lockstep.
         """
         progress = self.progress
         self.amp.unscale(self.optimizer)
-        grad_norm = global_grad_norm(self.model.parameters())
-        finite = math.isfinite(grad_norm)
-        if finite:
-            clip_grads_(self.model.parameters(), self.config.max_grad_norm, grad_norm)
+        parameters = self.model.parameters()
+        grad_norm = global_grad_norm(parameters)
+        # Non-finite gradients stay non-finite when clipped, and are skipped after.
+        clip_grads_(parameters, self.config.max_grad_norm, grad_norm, skip_unclipped=self.host_reads_are_free)
+        outcome = self.amp.step(self.optimizer, grad_norm, self.step_loss)
+        self.step_loss = None
+        if outcome == APPLIED:
             self.stats.add_grad_norm(grad_norm)
-            self.amp.step(self.optimizer)
             self.bad_in_a_row = 0
+        elif outcome == LOSS_SCALE_OVERFLOW:
+            # Neither a bad step nor a good one: bad_in_a_row goes on from where it was.
+            progress.loss_scale_overflows += 1
+            self.stats.add_loss_scale_overflow()
         else:
             self._skip_bad_step()
         self.optimizer.clear_grad()
         self.schedule.step()
         progress.step += 1
         self.bar.update(1)
-        return finite
+        return outcome == APPLIED
 
     def _skip_bad_step(self):
         """Count a NaN/Inf step; stop the run when ``max_bad_steps`` come in a row."""
         progress, config = self.progress, self.config
         progress.bad_steps += 1
         self.bad_in_a_row += 1
-        self.amp.skip(self.optimizer)
         if self.is_main:
             logger.warning("step %d: loss or gradients are NaN/Inf; update skipped (%d in a row, %d in all)",
                            progress.step + 1, self.bad_in_a_row, progress.bad_steps)
@@ -394,8 +413,8 @@ class Trainer:
         return self.stopped_early
 
     def _save_training_state(self):
-        """Rank 0 writes the full training state; every rank's RNG state goes with it."""
-        rng_states = dist.all_gather_objects(paddle.get_rng_state())  # collective: every rank
+        """Rank 0 writes the full training state; every rank's own RNG state goes with it."""
+        rng_states = dist.all_gather_objects(own_rng_state(current_device()))  # collective: every rank
         if self.is_main:
             save_training_state(self.output_dir, self.model, self.optimizer, self.schedule, self.config,
                                 self.progress, rng_states, self.amp.scaler_state(), self.aligner.char_mapping)
@@ -407,7 +426,9 @@ class Trainer:
     def _test_best_model(self) -> dict:
         """Reload the best weights on every rank, evaluate once on test, record the result."""
         self._load_best()
-        counts, predictions = evaluate(self.labeller(), self.splits.test, description="test", keep_predictions=True)
+        with self.amp.float32_weights(self.model):
+            counts, predictions = evaluate(self.labeller(), self.splits.test, description="test",
+                                           keep_predictions=True)
         summary = counts.summary()
         if self.is_main:
             # What the test metrics were computed from, so anyone can recompute them (e.g. with seqeval).
@@ -426,13 +447,15 @@ class Trainer:
     # ------------------------------------------------------------ evaluation, saving, resuming
 
     def labeller(self) -> TokenLabeller:
-        """The evaluation engine over the bare model, under the training AMP policy."""
-        return TokenLabeller(DynamicEngine(self.model, autocast=self.amp.autocast), self.aligner, self.labels,
-                             self.config.eval_batch_size, decoding=self.config.decoding)
+        """The evaluation engine over the bare model, as predict.py runs it; use it under
+        ``self.amp.float32_weights`` (float32, no autocast) so that its labels are predict.py's."""
+        return TokenLabeller(DynamicEngine(self.model), self.aligner, self.labels, self.config.eval_batch_size,
+                             decoding=self.config.decoding)
 
     def evaluate_split(self, examples, name: str) -> dict:
-        """Exact P/R/F1 summary on a split (collective: every rank calls it)."""
-        counts = evaluate(self.labeller(), examples, description=name)
+        """Exact P/R/F1 summary on a split, in float32 as predict.py computes it (collective: every rank calls it)."""
+        with self.amp.float32_weights(self.model):
+            counts = evaluate(self.labeller(), examples, description=name)
         return counts.summary()
 
     def _save_best(self, summary: dict):

@@ -280,7 +280,7 @@ def make_trainer(model_dir, data_dir, out_dir, **overrides):
     splits = load_splits(config)
     spec = resolve_model(config.model)
     paddle.seed(config.seed)
-    return Trainer(config, build_token_classifier(spec, splits.labels), build_tokenizer(spec), splits)
+    return Trainer(config, build_token_classifier(spec, splits.labels, config.head), build_tokenizer(spec), splits)
 
 
 # ---------------------------------------------------------------- seqeval cross-checks

@@ -35,42 +35,6 @@ def test_windowed_prediction_equals_whole_prediction(tokenizer):
     assert windowed == whole and len(windowed) == len(text)
 
 
-def test_dynamic_engine_runs_every_forward_under_its_autocast_factory(tokenizer):
-    import contextlib
-
-    model = per_token_model(len(tokenizer.vocab), len(MSRA_LABELS))
-    # Remember whether the autocast context was open during each forward.
-    model.inside, model.forwards_inside = False, []
-    plain_forward = model.forward
-
-    def recording_forward(input_ids, token_type_ids=None, **unused):
-        model.forwards_inside.append(model.inside)
-        return plain_forward(input_ids)
-
-    model.forward = recording_forward
-    entered = []
-
-    @contextlib.contextmanager
-    def autocast():
-        entered.append(True)
-        model.inside = True
-        try:
-            yield
-        finally:
-            model.inside = False
-
-    aligner = Aligner(tokenizer, 16)
-    token_lists = [list("张三在北京工作" * 6), list("李四"), list("王小明去上海读书" * 3)]
-    windows = sum(len(aligner.windows(tokens, overlap=aligner.budget // 4)) for tokens in token_lists)
-    labeller = TokenLabeller(DynamicEngine(model, autocast=autocast), aligner, MSRA_LABELS, batch_size=2)
-    labels = labeller.label(token_lists)
-    batches = -(-windows // 2)
-    assert windows > 4 and len(entered) == batches and model.forwards_inside == [True] * batches
-    assert not model.inside  # each context is left after its forward
-    plain = TokenLabeller(DynamicEngine(model), aligner, MSRA_LABELS, batch_size=2).label(token_lists)
-    assert plain == labels and model.forwards_inside[batches:] == [False] * batches
-
-
 def test_labeller_takes_an_engine_not_a_layer(tokenizer):
     model = per_token_model(len(tokenizer.vocab), len(MSRA_LABELS))
     with pytest.raises(TypeError, match="DynamicEngine"):

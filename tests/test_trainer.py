@@ -9,6 +9,7 @@ import paddle
 import pytest
 
 from helpers import assert_test_metrics_match_seqeval, make_trainer
+from pipeline.amp import APPLIED
 from pipeline.config import TrainConfig
 from pipeline.trainer import Trainer
 
@@ -43,9 +44,10 @@ def test_clipping_bounds_every_update_to_the_clipped_gradient(tiny_model_dir, ti
                            do_test=False, eval_interval=0)
     seen = []
 
-    def observing_step(self, optimizer):
-        seen.append(optim.global_grad_norm(trainer.model.parameters()))
+    def observing_step(self, optimizer, grad_norm, loss):
+        seen.append(float(optim.global_grad_norm(trainer.model.parameters())))
         optimizer.step()
+        return APPLIED
 
     monkeypatch.setattr("pipeline.amp.AmpPolicy.step", observing_step)
     trainer.fit()
