@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench import common
-from pipeline.cpu_env import MKL_AVX2_PATH, apply_cpu_settings
+from pipeline.cpu_env import MKL_AVX2_PATH, apply_cpu_settings, apply_cpu_thread_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,7 +229,9 @@ def measure_variant(name: str, dims: dict, batch: int, seq: int, reps: int, work
             seconds += fastest
         rates[kind] = flops / seconds
     return {"variant": name, "ok": True, "batch": batch, "seq": seq, "rates_flops_per_s": rates,
-            "seconds_per_product": seconds_per_product, "library": library, "threads": common.thread_settings()}
+            "seconds_per_product": seconds_per_product, "library": library, "threads": common.thread_settings(),
+            "library_variables": {name: os.environ.get(name) for name in ("MKL_DEBUG_CPU_TYPE", "OPENBLAS_NUM_THREADS",
+                                                                           *OPENBLAS_VARIABLES)}}
 
 
 # ====================================================================== the parent side
@@ -240,7 +242,7 @@ def measure_all(dims: dict, batch: int, seq: int, reps: int, workdir: Path, time
     """Every variant (or ``names``), each in a fresh process; a variant that fails is recorded, not fatal."""
     workdir.mkdir(parents=True, exist_ok=True)
     base = dict(os.environ)
-    apply_cpu_settings(base)  # training's settings, as the children would apply them before Paddle
+    apply_cpu_thread_settings(base)  # training's threads and MKL path, as each child would set them (malloc: there)
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     descriptions = variants(base)
     results = {}
