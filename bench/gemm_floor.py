@@ -34,6 +34,9 @@ MKL_AVX512_PATH = "6"
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 # OpenBLAS's kernel set for AVX-512 processors (DYNAMIC_ARCH builds accept it as OPENBLAS_CORETYPE).
 OPENBLAS_AVX512_CORE = "SkylakeX"
+# Every GEMM this module knows how to time; ``variants`` picks those that apply to this machine.
+VARIANT_NAMES = ("paddle_mkl", "paddle_mkl_own_path", "paddle_mkl_avx2", "paddle_mkl_avx512", "paddle_onednn",
+                 "numpy_openblas", "numpy_openblas_avx512")
 
 
 # ====================================================================== the step's products
@@ -294,7 +297,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, required=True, help="sentences per step")
     parser.add_argument("--seq", type=int, required=True, help="tokens per sentence (the padded length)")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per product, the fastest kept (10)")
-    parser.add_argument("--variant", help="time this one library in this process (the parent's child mode)")
+    parser.add_argument("--variant", choices=VARIANT_NAMES,
+                        help="time this one library in this process (the parent's child mode)")
     parser.add_argument("--out", help="JSON of the result")
     parser.add_argument("--workdir", help="scratch directory (default: a new temporary one)")
     args = parser.parse_args(argv)

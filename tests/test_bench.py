@@ -250,3 +250,11 @@ def test_ours_and_paddlenlp_with_our_batches_time_the_same_sentences_in_the_same
     assert tt.batches_differ(ours, static) is None
     assert ours["real_tokens"] == static["real_tokens"] == ours["data"]["tokens"] == static["data"]["tokens"]
     assert static["notes"] == []  # one process: TrainingArguments(to_static=True) itself, no hand-made wrap
+
+
+def test_every_gemm_variant_chosen_is_one_the_child_knows():
+    from bench import gemm_floor
+
+    for isa in ("avx512", "avx2", "older"):
+        for environ in ({}, {"MKL_DEBUG_CPU_TYPE": "5"}, {"MKL_DEBUG_CPU_TYPE": "6"}):
+            assert set(gemm_floor.variants(environ, isa=isa)) <= set(gemm_floor.VARIANT_NAMES)
