@@ -1,5 +1,7 @@
-"""The benchmarks' own arithmetic (memory-trend verdict, prediction ceiling), memory_trend's process
-sampling; op_costs and step_profile run as `python -m bench.X`."""
+"""The benchmarks' own arithmetic (memory-trend verdict, prediction ceiling, training's gain split and
+matmul floor), memory_trend's process sampling, the timed pass's batches (and both training benchmark
+children on the tiny model), the GEMM libraries' child processes; op_costs and step_profile run as
+`python -m bench.X`."""
 from __future__ import annotations
 
 import os
