@@ -24,6 +24,18 @@ def thread_settings() -> dict:
     return {name: os.environ.get(name) for name in (*THREAD_VARIABLES, "MKL_DEBUG_CPU_TYPE")}
 
 
+# The flags that decide which GEMM kernels a library can use (AVX2/FMA, AVX-512 and its bf16/VNNI
+# extensions, AMX), listed in the report as the kernel read them at run time.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16",
+             "avx512_vnni", "avx512er", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def isa_flags(flags=None) -> list[str]:
+    """Which of ISA_FLAGS this processor reports (in ISA_FLAGS' order)."""
+    flags = cpu_flags() if flags is None else flags
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
 def cpu_model() -> str:
     """``model name`` from /proc/cpuinfo (or the platform's processor string)."""
     return cpuinfo_field("model name") or platform.processor() or "unknown CPU"
@@ -42,8 +54,10 @@ def machine_info() -> dict:
     memory_gib = psutil.virtual_memory().total / 2**30
     return {
         "cpu": cpu_model(),
+        "vendor": cpuinfo_field("vendor_id"),
         # Detected at run time: machines of one kind differ, and MKL's path (pipeline.cpu_env) follows it.
         "instruction_set": instruction_set(cpu_flags()),
+        "isa_flags": isa_flags(),
         "cores": usable_cores(),
         "memory_gib": round(memory_gib, 1) if memory_gib else None,
         "python": platform.python_version(),

@@ -1,5 +1,7 @@
-"""The benchmarks' own arithmetic (memory-trend verdict, prediction ceiling), memory_trend's process
-sampling; op_costs and step_profile run as `python -m bench.X`."""
+"""The benchmarks' own arithmetic (memory-trend verdict, prediction ceiling, training's gain split and
+matmul floor), memory_trend's process sampling, the timed pass's batches (and both training benchmark
+children on the tiny model), the GEMM libraries' child processes; op_costs and step_profile run as
+`python -m bench.X`."""
 from __future__ import annotations
 
 import os
@@ -88,3 +90,173 @@ def test_step_profile_prints_the_operators_of_a_training_step(tiny_model_dir, tm
     assert "matmul bias gradients in 14 Linear layers" in out  # 2 layers x 6, the pooler, the classifier
     summary = out[out.index("Operator Summary"):]
     assert "Global_MatmulGradNode" in summary or "matmul_grad" in summary, summary[:2000]
+
+
+# ---------------------------------------------------------------- train_throughput: batches, comparison, floor
+
+
+def test_the_timed_pass_is_the_training_epoch_after_warm_up_batches_from_the_next_one():
+    from bench.timed_pass import WarmupThenPassSampler
+    from pipeline.sampling import LengthGroupedBatchSampler
+
+    lengths = [3 + (7 * i) % 29 for i in range(50)]
+    dataset = list(range(50))
+    timed = WarmupThenPassSampler(dataset, lengths, batch_size=4, seed=5, warmup_batches=3, bucket_batches=2)
+    plain = LengthGroupedBatchSampler(dataset, lengths, batch_size=4, seed=5, bucket_batches=2)
+    batches = list(timed)
+    assert len(batches) == len(timed) == 3 + 13 and timed.pass_batches() == len(plain) == 13
+    assert batches[3:] == list(plain)  # the pass: training's own epoch 0, same grouping and seed
+    plain.set_epoch(1)
+    assert batches[:3] == list(plain)[:3]  # warm-up: the next epoch's first batches, not the timed pass's
+    covered = sorted(i for batch in batches[3:] for i in batch)
+    assert set(covered) == set(range(50)) and len(covered) == 52  # every sentence once, 2 repeated to fill
+
+
+def _child_result(shapes, seconds=2.0, rss=100.0, notes=()):
+    return {"real_tokens": sum(s[2] for s in shapes), "computed_tokens": sum(s[0] * s[1] for s in shapes),
+            "seconds": seconds, "steps": len(shapes), "peak_rss_mib": rss, "threads": {"OMP_NUM_THREADS": "2"},
+            "model": {"parameters": 10}, "data": {"sequences": 8, "tokens": 60}, "shapes": shapes,
+            "notes": list(notes)}
+
+
+def test_runs_on_other_batches_are_told_apart():
+    from bench import train_throughput as tt
+
+    ours = tt.combine_ranks([_child_result([[4, 10, 38], [4, 6, 22]])])
+    assert tt.batches_differ(ours, tt.combine_ranks([_child_result([[4, 10, 38], [4, 6, 22]], seconds=5)])) is None
+    reason = tt.batches_differ(ours, tt.combine_ranks([_child_result([[4, 10, 38], [4, 7, 22]])]))
+    assert reason and "timed step 2" in reason
+    assert "ranks" in tt.batches_differ(ours, tt.combine_ranks([_child_result([[4, 10, 38]])] * 2))
+
+
+def test_the_gain_splits_into_padding_to_static_and_engine_and_names_the_strongest_setup(tmp_path):
+    from bench import train_throughput as tt
+
+    grouped = [[4, 10, 40], [4, 5, 20]]  # 60 real of 60 computed tokens
+    random_batches = [[4, 10, 30], [4, 10, 30]]  # 60 real of 80 computed
+    runs = {"ours": _child_result(grouped, seconds=1.0), "paddlenlp": _child_result(random_batches, seconds=6.0),
+            "paddlenlp_grouped": _child_result(grouped, seconds=3.0),
+            "paddlenlp_static": _child_result(grouped, seconds=2.0, notes=["wrapped by hand"])}
+    block = {name: {"runs": [tt.combine_ranks([r])], "summary": tt.side_summary([tt.combine_ranks([r])])}
+             for name, r in runs.items()}
+    comparison = tt.compare(block)
+    assert comparison["strongest"] == "paddlenlp_static"
+    assert comparison["ours_over_strongest"] == pytest.approx(2.0)
+    split = comparison["gain_split"]
+    assert (split["padding"], split["to_static"], split["engine"]) == pytest.approx((2.0, 1.5, 2.0))
+    assert split["padding"] * split["to_static"] * split["engine"] == pytest.approx(split["total"]) == 6.0
+    assert comparison["ours_over_computed"]["paddlenlp"] == pytest.approx((60 / 1.0) / (80 / 6.0))
+    # to_static slower than eager: the eager setup is the strongest, and the factors still multiply to the total.
+    slow_static = dict(block, paddlenlp_static={"summary": tt.side_summary([tt.combine_ranks(
+        [_child_result(grouped, seconds=4.0)])])})
+    other = tt.compare(slow_static)
+    assert other["strongest"] == "paddlenlp_grouped" and other["ours_over_strongest"] == pytest.approx(3.0)
+    factors = other["gain_split"]
+    assert factors["padding"] * factors["to_static"] * factors["engine"] == pytest.approx(6.0)
+    # The report prints both token rates, the ratios and the split.
+    args = tt.parse_args(["--no-scaling", "--no-floor", "--repeats", "1", "--workdir", str(tmp_path)])
+    results = {"date": "d", "command": "c", "one_process": block, "comparison": {"1": comparison}, "failed": {}}
+    text = tt.report(args, {"cpu": "cpu", "cores": 2, "python": "3", "paddle": "p", "paddlenlp": "n"}, results)
+    assert "ours / strongest, real tokens/s: 2.00x" in text and "note: wrapped by hand" in text
+    assert "padding 2.00x (paddlenlp_grouped / paddlenlp) x to_static 1.50x" in text
+    assert "engine 2.00x (ours / paddlenlp_static) = 6.00x" in text
+    assert "computed tok/s" in text and "13" in text  # PaddleNLP default: 80 computed tokens in 6 s
+
+
+def test_paddlenlp_setups_are_checked_before_any_run():
+    from bench import train_throughput as tt
+
+    assert tt.parse_args([]).paddlenlp_setups == ["paddlenlp", "paddlenlp_grouped", "paddlenlp_static"]
+    assert tt.parse_args(["--paddlenlp", "static,default"]).paddlenlp_setups == ["paddlenlp", "paddlenlp_static"]
+    assert tt.parse_args(["--no-paddlenlp"]).paddlenlp_x2_setups == []
+    for bad in (["--paddlenlp", "fast"], ["--paddlenlp-x2", "default"]):
+        with pytest.raises(SystemExit):
+            tt.parse_args(bad)
+
+
+def test_gemm_libraries_follow_the_instruction_set_detected():
+    from bench import gemm_floor
+
+    amd_avx2 = gemm_floor.variants({"MKL_DEBUG_CPU_TYPE": "5"}, isa="avx2")
+    assert set(amd_avx2) == {"paddle_mkl", "paddle_mkl_own_path", "paddle_onednn", "numpy_openblas"}
+    amd_avx512 = gemm_floor.variants({"MKL_DEBUG_CPU_TYPE": "5"}, isa="avx512")
+    assert {"paddle_mkl_avx512", "numpy_openblas_avx512"} <= set(amd_avx512)
+    intel = gemm_floor.variants({}, isa="avx512")  # MKL's own choice already: no "unset" variant to add
+    assert "paddle_mkl_own_path" not in intel and "paddle_mkl_avx2" in intel
+    env = gemm_floor.variant_environment("numpy_openblas", {"OMP_NUM_THREADS": "2", "OPENBLAS_CORETYPE": "Haswell",
+                                                            "OPENBLAS_L2_SIZE": "1"})
+    assert "OPENBLAS_CORETYPE" not in env and "OPENBLAS_L2_SIZE" not in env and env["OPENBLAS_NUM_THREADS"] == "2"
+    assert "MKL_DEBUG_CPU_TYPE" not in gemm_floor.variant_environment("paddle_mkl_own_path",
+                                                                      {"MKL_DEBUG_CPU_TYPE": "5"})
+
+
+def test_the_floor_takes_the_fastest_library_for_each_kind_and_skips_one_that_failed():
+    from bench import gemm_floor
+
+    results = {"a": {"ok": True, "rates_flops_per_s": {"ffn_in": 2e9, "attn_ss_sd": 1e9}},
+               "b": {"ok": True, "rates_flops_per_s": {"ffn_in": 1e9, "attn_ss_sd": 4e9}},
+               "c": {"ok": False, "error": "exit -4: Illegal instruction"}}
+    best = gemm_floor.fastest_rates(results)
+    assert best == {"ffn_in": {"flops_per_s": 2e9, "variant": "a"}, "attn_ss_sd": {"flops_per_s": 4e9, "variant": "b"}}
+    assert gemm_floor.floor_seconds({"ffn_in": 4e9, "attn_ss_sd": 4e9}, {"ffn_in": 2e9, "attn_ss_sd": 4e9}) == 3.0
+    with pytest.raises(RuntimeError, match="Illegal instruction"):
+        gemm_floor.fastest_rates({"c": results["c"]})
+
+
+def test_step_flops_are_three_times_the_forward_matmuls():
+    from bench import gemm_floor
+
+    dims = {"layers": 1, "hidden": 4, "heads": 2, "intermediate": 8, "classes": 3}
+    flops = gemm_floor.step_flops(dims, batch=1, seq=5)
+    assert flops["ffn_in"] == 3 * 2 * 5 * 4 * 8 and flops["classifier"] == 3 * 2 * 5 * 4 * 3
+    assert flops["attn_sd_ds"] + flops["attn_ss_sd"] == 3 * predict_throughput.forward_flops(dims, 5) - 3 * (
+        4 * 2 * 5 * 4 * 4 + 2 * 2 * 5 * 4 * 8 + 2 * 5 * 4 * 3)
+
+
+def test_openblas_is_timed_in_its_own_process_without_the_site_core_type(tmp_path):
+    from bench import gemm_floor
+
+    dims = {"layers": 1, "hidden": 8, "heads": 2, "intermediate": 16, "classes": 3}
+    os.environ["OPENBLAS_CORETYPE"] = "Prescott"  # a slow kernel set a site profile might force
+    try:
+        results = gemm_floor.measure_all(dims, batch=2, seq=4, reps=1, workdir=tmp_path, names=["numpy_openblas"])
+    finally:
+        del os.environ["OPENBLAS_CORETYPE"]
+    result = results["numpy_openblas"]
+    assert result["ok"], result
+    assert result["library_variables"]["OPENBLAS_CORETYPE"] is None
+    assert result["library_variables"]["OPENBLAS_NUM_THREADS"] == result["threads"]["OMP_NUM_THREADS"]
+    assert set(result["rates_flops_per_s"]) == set(gemm_floor.step_flops(dims, 2, 4))
+    assert all(rate > 0 for rate in result["rates_flops_per_s"].values())
+
+
+@pytest.mark.slow
+def test_ours_and_paddlenlp_with_our_batches_time_the_same_sentences_in_the_same_batches(
+        tiny_model_dir, tiny_dataset_dir, tmp_path):
+    # The real children of bench.train_throughput on the tiny model: a warm-up batch, then one whole pass.
+    import json
+
+    from bench import train_throughput as tt
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndataset: {tiny_dataset_dir}\nmax_seq_len: 32\n", encoding="utf-8")
+    runs = {}
+    for side in ("ours", "paddlenlp_static"):
+        out = tmp_path / f"{side}.rank{{rank}}.json"
+        subprocess.run([sys.executable, "-m", "bench.train_throughput", "--child", side, "--child-out", str(out),
+                        "--child-dir", str(tmp_path / side), "--config", str(config), "--examples", "40",
+                        "--batch-size", "8", "--warmup", "1"], cwd=ROOT, check=True, capture_output=True)
+        runs[side] = tt.combine_ranks([json.loads((tmp_path / f"{side}.rank0.json").read_text())])
+    ours, static = runs["ours"], runs["paddlenlp_static"]
+    assert ours["steps"] == 5 and ours["data"]["sequences"] == 40  # 40 sentences / 8 a batch: the whole pass
+    assert tt.batches_differ(ours, static) is None
+    assert ours["real_tokens"] == static["real_tokens"] == ours["data"]["tokens"] == static["data"]["tokens"]
+    assert static["notes"] == []  # one process: TrainingArguments(to_static=True) itself, no hand-made wrap
+
+
+def test_every_gemm_variant_chosen_is_one_the_child_knows():
+    from bench import gemm_floor
+
+    for isa in ("avx512", "avx2", "older"):
+        for environ in ({}, {"MKL_DEBUG_CPU_TYPE": "5"}, {"MKL_DEBUG_CPU_TYPE": "6"}):
+            assert set(gemm_floor.variants(environ, isa=isa)) <= set(gemm_floor.VARIANT_NAMES)
