@@ -21,13 +21,16 @@ from pathlib import Path
 from pipeline.device import DeviceError, add_device_arguments, prepare_process, use_gpu_of
 from pipeline.prediction_io import CHUNK_LINES, INPUT_FORMATS, STDIO, output_problem, predict_file
 from pipeline.predict_workers import WorkerDied
-from pipeline.predictor import ALL_PRECISIONS, ENGINES, PRECISIONS, Predictor, precision_problem
+from pipeline.predictor import (ALL_PRECISIONS, ENGINES, EngineUnavailable, Predictor, precision_problem,
+                                precision_summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """predict.py's flags; the choice lists belong to the modules that use them."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a best_model/ directory written by train_dist.py")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a best_model/ directory written by train_dist.py, or an export directory written by "
+                             "python -m pipeline.export (then its engine runs it)")
     parser.add_argument("--input", required=True, help="text or JSONL file, or - for standard input")
     parser.add_argument("--output", default="-", help="JSONL file to write, or - for standard output")
     parser.add_argument("--input_format", choices=INPUT_FORMATS, default="auto")
@@ -37,17 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(parser)
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="static: the model exported by python -m pipeline.export, run by Paddle Inference; "
-                             "dynamic: the checkpoint's weights in the dynamic graph; auto (default): static when "
-                             "an export of the checkpoint's current weights is found, else dynamic with a warning")
-    parser.add_argument("--precision", choices=ALL_PRECISIONS, default="fp32",
-                        help="arithmetic of the static engine: " + "; ".join(
-                            f"{device.upper()}: {', '.join(choices)}" for device, choices in PRECISIONS.items()))
+                             "onnx: its --format onnx export, run by ONNX Runtime (CPU); dynamic: the checkpoint's "
+                             "weights in the dynamic graph; auto (default): static when an export of the "
+                             "checkpoint's current weights is found, else dynamic with a warning; with a reduced "
+                             "--precision, the engine that has it")
+    parser.add_argument("--precision", choices=ALL_PRECISIONS, default=None,
+                        help="arithmetic (default fp32, or an export directory's own): " + precision_summary()
+                        + " (int8: the export of --format onnx --quantize int8)")
     parser.add_argument("--workers", type=int, default=1,
                         help="prediction processes, each with cores/N CPU threads and its own copy of the model "
                              "(default 1; on CPU 2+ keeps all cores busy, see BENCHMARKS.md)")
     parser.add_argument("--inference_dir", default=None,
-                        help="where the exported static model is (default: CHECKPOINT/inference, then "
-                             "CHECKPOINT/../inference)")
+                        help="where the exported model is (default: CHECKPOINT/NAME, then CHECKPOINT/../NAME; NAME "
+                             "is inference for static, onnx or onnx_int8 for onnx)")
     return parser
 
 
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
             predictor.start()  # every worker loads the model now: a bad checkpoint fails before any input is read
         else:
             predictor = Predictor.from_checkpoint(**options)
-    except CheckpointError as error:
+    except (CheckpointError, EngineUnavailable) as error:
         if predictor is not None and args.workers > 1:
             predictor.close()
         print(f"error: {error}", file=sys.stderr)

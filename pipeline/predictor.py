@@ -52,6 +52,12 @@ def precision_owner(precision: str, device: str) -> str:
     return next(engine for engine, offered in ENGINE_PRECISIONS.items() if precision in offered.get(device, ()))
 
 
+def precision_summary() -> str:
+    """``ENGINE_PRECISIONS`` in words, for --help."""
+    return "; ".join(f"{engine}: " + ", ".join(f"{device.upper()} {'/'.join(choices)}" for device, choices in offered.items())
+                     for engine, offered in ENGINE_PRECISIONS.items())
+
+
 def precision_problem(precision: str | None, device: str, engine: str) -> str | None:
     """Why ``precision`` (None: the default) cannot be used on ``device`` ('cpu'/'gpu') with ``engine``, or None."""
     precision = precision or DEFAULT_PRECISION

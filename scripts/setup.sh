@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install the pinned stack into it. Idempotent.
+# NERPIPE_ONNX=1 also installs the optional ONNX Runtime engine (requirements-onnx.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -8,3 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
+case "${NERPIPE_ONNX:-0}" in
+  1) .venv/bin/python -m pip install -q -r requirements-onnx.txt ;;
+  0) ;;
+  *) echo "error: NERPIPE_ONNX must be 0 or 1, got '${NERPIPE_ONNX}'" >&2; exit 2 ;;
+esac
