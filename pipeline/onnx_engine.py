@@ -5,6 +5,10 @@
 (``pipeline.engines``) under the same ``TokenLabeller``, so windows, stitching and
 decoding are theirs. At float32 it gives their labels; the int8 model's weights are
 quantised, so a few labels may differ (``bench/predict_throughput.py`` counts them).
+The int8 model quantises activations with one scale per batch (ONNX Runtime's
+dynamic quantisation), so a text's int8 labels can also change with the texts
+batched beside it (another ``--workers`` split, batch size or chunk): with
+``--batch_size 1`` every window runs alone and its labels are its own.
 
 onnxruntime is an optional dependency (``requirements-onnx.txt``): it is imported
 only when an ONNX engine is built, and its absence is said in one line.
