@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         written = write_report(args.report, analysis, f"{args.file} ({len(examples)} sentences)")
         print(f"error analysis: {', '.join(map(str, written))}", file=sys.stderr)
     print(json.dumps({"checkpoint": args.checkpoint, "file": args.file, "sentences": len(examples),
-                      "engine": predictor.engine_name, "decoding": labeller.decoding, **summary}))
+                      "decoding": labeller.decoding, **summary}))
     return 0
 
 

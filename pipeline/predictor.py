@@ -173,8 +173,8 @@ class Predictor:
             if own_engine == "onnx" and precision != exported:
                 raise CheckpointError(f"{directory} holds an ONNX {exported} model, not {precision}")
             problem = precision_problem(precision, device, engine)
-            if problem:
-                raise ValueError(problem)
+            if problem:  # e.g. an ONNX export on a GPU picked by --device auto
+                raise CheckpointError(f"{directory} holds a {export_format_of(meta)} {exported} export: {problem}")
         else:
             precision = precision or DEFAULT_PRECISION
             meta = read_meta(directory)  # before any model is built: a bad recorded decoding fails at once

@@ -281,6 +281,19 @@ def test_int8_labels_depend_on_the_batch_unless_each_window_runs_alone(checkpoin
 
 
 @needs_onnxruntime
+def test_evaluate_cli_scores_the_int8_export(checkpoint_dir, tiny_dataset_dir, capsys):
+    from pipeline import evaluate
+
+    common = ["--checkpoint", str(checkpoint_dir), "--file", str(tiny_dataset_dir / "test.tsv")]
+    assert evaluate.main([*common, "--engine", "onnx", "--precision", "int8"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["sentences"] == 24 and 0 <= scores["f1"] <= 1 and scores["num_gold"] > 0
+    assert evaluate.main([*common, "--precision", "int8"]) == 2  # its --engine defaults to dynamic
+    error = capsys.readouterr().err
+    assert "is the onnx engine's: add --engine onnx" in error and error.count("\n") == 1
+
+
+@needs_onnxruntime
 @pytest.mark.slow
 def test_int8_on_a_trained_model_keeps_its_labels_and_f1(tiny_model_dir, tiny_dataset_dir, tmp_path):
     """On a model that has learnt the synthetic task, the int8 export changes almost no label (counted)."""
