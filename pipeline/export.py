@@ -61,9 +61,10 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quantize and args.format != "onnx":
-        # Paddle Inference's CPU int8 runs only models calibrated by PaddleSlim, which this project does not install.
-        parser.error(f"--quantize {args.quantize} needs --format onnx (Paddle Inference's int8 needs a model "
-                     f"calibrated by PaddleSlim)")
+        # Paddle Inference's CPU int8 runs a program calibrated on sample inputs (post-training quantisation)
+        # under oneDNN, which the static engine keeps off (README, "Prediction"): not made here.
+        parser.error(f"--quantize {args.quantize} needs --format onnx (Paddle Inference's CPU int8 needs a "
+                     f"calibrated model and oneDNN)")
     if args.per_channel and not args.quantize:
         parser.error("--per_channel is an option of --quantize int8")
     return args

@@ -29,7 +29,7 @@ DEFAULT_PRECISION = "fp32"
 # The arithmetic each engine offers per device, default first. The static engine's fp16 is Paddle Inference's
 # mixed precision, chosen at run time; the onnx engine's int8 is baked into its export (python -m pipeline.export
 # --format onnx --quantize int8), and the onnxruntime installed here is its CPU build. Paddle Inference's own
-# CPU int8 needs a model calibrated by PaddleSlim, which this project does not install.
+# CPU int8 needs a program calibrated on sample inputs and oneDNN, which the static engine keeps off.
 ENGINE_PRECISIONS = {
     "dynamic": {"cpu": ("fp32",), "gpu": ("fp32",)},
     "static": {"cpu": ("fp32",), "gpu": ("fp32", "fp16")},
