@@ -4,7 +4,7 @@
     python -m bench.predict_throughput --checkpoint outputs/msra_quick/best_model [--repeats 3] [--json out.json]
     python -m bench.predict_throughput --checkpoint ... --quick                  # ~200 sentences, for a smoke test
     python -m pipeline.export --checkpoint ... --format onnx [--quantize int8]  # once each, for --onnx
-    python -m bench.predict_throughput --checkpoint ... --onnx --workers 2      # + ONNX fp32 and int8, 1 and 2 processes
+    python -m bench.predict_throughput --checkpoint ... --onnx --workers 2      # + ONNX fp32, int8; 1 and 2 processes
 
 Engines, each run in its own subprocess (so peak RSS is per engine), in an
 order rotated every repeat:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from .labeller import TokenLabeller
 
 ENGINES = ("auto", "dynamic", "static", "onnx")
-INFERENCE_DIR_NAME = "inference"
 DEFAULT_PRECISION = "fp32"
 # The arithmetic each engine offers per device, default first. The static engine's fp16 is Paddle Inference's
 # mixed precision, chosen at run time; the onnx engine's int8 is baked into its export (python -m pipeline.export
@@ -54,7 +53,8 @@ def precision_owner(precision: str, device: str) -> str:
 
 def precision_summary() -> str:
     """``ENGINE_PRECISIONS`` in words, for --help."""
-    return "; ".join(f"{engine}: " + ", ".join(f"{device.upper()} {'/'.join(choices)}" for device, choices in offered.items())
+    return "; ".join(f"{engine}: " + ", ".join(f"{device.upper()} {'/'.join(choices)}"
+                                               for device, choices in offered.items())
                      for engine, offered in ENGINE_PRECISIONS.items())
 
 
@@ -77,7 +77,7 @@ class StaticModelWarning(UserWarning):
     """engine='auto' found no usable static model (none, incomplete or stale) and runs the dynamic graph."""
 
 
-def static_model_candidates(directory, inference_dir=None, export_format: str = "paddle",
+def export_candidates(directory, inference_dir=None, export_format: str = "paddle",
                             precision: str = DEFAULT_PRECISION) -> list[Path]:
     """Where a checkpoint's export of this format and precision is looked for, in order."""
     from .static_export import export_dir_name
@@ -93,14 +93,13 @@ def find_export(directory, inference_dir=None, export_format: str = "paddle",
     """``(export directory, reason, found)``: the first candidate holding a current export of the
     checkpoint's weights, or ``(None, why none is usable, whether an unusable export was found)``."""
     from .checkpoint import read_meta
-    from .static_export import checkpoint_weights_sha256, export_flags, export_status, has_model
+    from .static_export import checkpoint_weights_sha256, export_flags, export_status, has_model, model_description
 
     read_meta(directory)  # a missing or broken checkpoint is reported as such, not as a missing export
     absent = []
-    for candidate in static_model_candidates(directory, inference_dir, export_format, precision):
+    for candidate in export_candidates(directory, inference_dir, export_format, precision):
         if inference_dir is None and not has_model(candidate, export_format):
-            what = "static model" if export_format == "paddle" else f"ONNX {precision} model"
-            absent.append(f"no {what} in {candidate}")
+            absent.append(f"no {model_description(export_format, precision)} in {candidate}")
             continue
         usable, reason = export_status(candidate, directory, checkpoint_weights_sha256(directory), export_format,
                                        precision)

@@ -90,7 +90,8 @@ def has_model(directory, export_format: str = "paddle") -> bool:
     return model_files(directory) is not None
 
 
-def _model_description(export_format: str, precision: str) -> str:
+def model_description(export_format: str, precision: str) -> str:
+    """How messages name an export of this format and precision."""
     return "static model" if export_format == "paddle" else f"ONNX {precision} model"
 
 
@@ -100,7 +101,7 @@ def _expected_files(export_format: str) -> str:
 
 def _meta_problem(directory: Path, export_format: str, precision: str) -> tuple[dict | None, str | None]:
     """``(export.json, None)``, or ``(None, why the directory is no usable export of this format and precision)``."""
-    what = _model_description(export_format, precision)
+    what = model_description(export_format, precision)
     if not directory.is_dir():
         return None, f"no {what}: {directory} does not exist"
     if not has_model(directory, export_format):
@@ -156,7 +157,7 @@ def export_status(inference_dir, checkpoint_dir, weights_sha256: str | None = No
         return False, problem
     from .checkpoint import read_meta
 
-    what = _model_description(export_format, precision)
+    what = model_description(export_format, precision)
     if meta.get("labels") != read_meta(checkpoint_dir)["labels"]:
         return False, f"{what} in {directory} was exported for other labels than {checkpoint_dir}'s; re-export it"
     current = weights_sha256 or checkpoint_weights_sha256(checkpoint_dir)
