@@ -23,13 +23,16 @@ from pipeline.device import DeviceError, add_device_arguments, prepare_process, 
 from pipeline.prediction_io import (CHUNK_LINES, INPUT_FORMATS, STDIO, count_lines, output_problem, predict_file,
                                     prediction_identity, resolve_input_format, start_prediction)
 from pipeline.predict_workers import WorkerDied
-from pipeline.predictor import ALL_PRECISIONS, ENGINES, PRECISIONS, Predictor, precision_problem
+from pipeline.predictor import (ALL_PRECISIONS, ENGINES, EngineUnavailable, Predictor, precision_problem,
+                                precision_summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """predict.py's flags; the choice lists belong to the modules that use them."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a best_model/ directory written by train_dist.py")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a best_model/ directory written by train_dist.py, or an export directory written by "
+                             "python -m pipeline.export (then its engine runs it)")
     parser.add_argument("--input", required=True, help="text or JSONL file, or - for standard input")
     parser.add_argument("--output", default="-", help="JSONL file to write, or - for standard output")
     parser.add_argument("--input_format", choices=INPUT_FORMATS, default="auto")
@@ -39,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(parser)
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="static: the model exported by python -m pipeline.export, run by Paddle Inference; "
-                             "dynamic: the checkpoint's weights in the dynamic graph; auto (default): static when "
-                             "an export of the checkpoint's current weights is found, else dynamic with a warning")
-    parser.add_argument("--precision", choices=ALL_PRECISIONS, default="fp32",
-                        help="arithmetic of the static engine: " + "; ".join(
-                            f"{device.upper()}: {', '.join(choices)}" for device, choices in PRECISIONS.items()))
+                             "onnx: its --format onnx export, run by ONNX Runtime (CPU); dynamic: the checkpoint's "
+                             "weights in the dynamic graph; auto (default): static when an export of the "
+                             "checkpoint's current weights is found, else dynamic with a warning; with a reduced "
+                             "--precision, the engine that has it")
+    parser.add_argument("--precision", choices=ALL_PRECISIONS, default=None,
+                        help="arithmetic (default fp32, or an export directory's own): " + precision_summary()
+                        + " (int8: the export of --format onnx --quantize int8)")
     parser.add_argument("--workers", type=int, default=1,
                         help="prediction processes, each with cores/N CPU threads and its own copy of the model "
                              "(default 1; on CPU 2+ keeps all cores busy, see BENCHMARKS.md)")
@@ -54,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start anew over an unfinished OUTPUT.partial, even one made from another input, "
                              "checkpoint or settings (without it such an output is refused)")
     parser.add_argument("--inference_dir", default=None,
-                        help="where the exported static model is (default: CHECKPOINT/inference, then "
-                             "CHECKPOINT/../inference)")
+                        help="where the exported model is (default: CHECKPOINT/NAME, then CHECKPOINT/../NAME; NAME "
+                             "is inference for static, onnx or onnx_int8 for onnx)")
     return parser
 
 
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
     predictor = None
     try:
         predictor = load_predictor(args, device)
-    except CheckpointError as error:
+    except (CheckpointError, EngineUnavailable) as error:
         problem = f"error: {error}" + (f" (rank {dist.get_rank()})" if dist.get_world_size() > 1 else "")
     problems = [p for p in dist.all_gather_objects(problem) if p]  # a checkpoint one node lacks stops every rank
     if problems:

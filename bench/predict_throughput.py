@@ -3,6 +3,8 @@
     python -m pipeline.export --checkpoint outputs/msra_quick/best_model       # once: the static model
     python -m bench.predict_throughput --checkpoint outputs/msra_quick/best_model [--repeats 3] [--json out.json]
     python -m bench.predict_throughput --checkpoint ... --quick                  # ~200 sentences, for a smoke test
+    python -m pipeline.export --checkpoint ... --format onnx [--quantize int8]  # once each, for --onnx
+    python -m bench.predict_throughput --checkpoint ... --onnx --workers 2      # + ONNX fp32, int8; 1 and 2 processes
 
 Engines, each run in its own subprocess (so peak RSS is per engine), in an
 order rotated every repeat:
@@ -26,6 +28,14 @@ different sets (said in the output).
 engines with other Paddle Inference options / batch sizes / thread counts /
 numbers of prediction processes (predict.py --workers; CPU time summed over
 the workers, peak RSS of the largest), for choosing the defaults.
+
+--onnx adds (d) static, Paddle Inference forced (predict.py --engine static), and
+the ONNX Runtime engines of the exports found beside the checkpoint:
+(e) onnx (float32, predict.py --engine onnx) and (f) int8 (predict.py --precision
+int8), each also with every --workers N. The float32 ones must give (c)'s labels
+like the others; int8's differences are counted and reported but do not fail
+the run. Every engine's entity F1 against the file's gold labels is printed
+(conlleval-style and strict IOB2), with int8's distance from float32 in points.
 
 Ceiling: the matrix products of the forward pass of every timed sentence at its
 own length (characters + [CLS]/[SEP], no padding: the least work any engine
@@ -56,6 +66,43 @@ DEFAULT_TEST_FILE = "~/.cache/nerpipe/data/msra_ner/test.tsv"
 QUICK_SENTENCES = 200
 WARMUP_SENTENCES = 16
 TARGETS = {"predict/naive": 10.0, "predict/dynamic": 1.5}
+# Issue 16's for int8 against float32 predict.py (c) and the naive predictor, and its F1 tolerance in points.
+INT8_TARGETS = {"int8/predict": 1.5, "int8/naive": 10.0}
+INT8_F1_POINTS = 0.3
+# The engine and precision each kind of child runs with predict.py's Predictor.
+KIND_ENGINES = {"predict": ("auto", None), "static": ("static", None), "onnx": ("onnx", None),
+                "int8": ("onnx", "int8")}
+
+
+def read_test_labels(path: Path) -> list[list[str]]:
+    """Gold labels of the sentences ``read_test_texts`` reads, one per character."""
+    labels = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            line = line.rstrip("\n")
+            if number == 0 and line.startswith("text_a"):
+                continue
+            if line:
+                labels.append(line.split("\t", 1)[1].split("\x02"))
+    return labels
+
+
+def f1_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict:
+    """Entity F1 of ``predicted`` against ``gold``, conlleval-style and strict IOB2 (pipeline.metrics)."""
+    from pipeline.labels import entity_types
+    from pipeline.metrics import EntityCounts
+
+    counts = EntityCounts(entity_types(sorted({tag for tags in gold for tag in tags})))
+    counts.update(gold, predicted)
+    summary = counts.summary()
+    return {"f1": summary["f1"], "strict_f1": summary["strict_f1"]}
+
+
+def differing_labels(reference: list[list[str]], labels: list[list[str]]) -> dict:
+    """Sentences and characters whose labels differ between two runs over the same sentences."""
+    sentences = sum(a != b for a, b in zip(reference, labels))
+    characters = sum(x != y for a, b in zip(reference, labels) for x, y in zip(a, b))
+    return {"sentences": sentences, "characters": characters, "of_characters": sum(map(len, reference))}
 
 
 def read_test_texts(path: Path) -> list[str]:
@@ -186,22 +233,25 @@ def child(args) -> int:
     static_options = {k: options[k] == "1" for k in ("onednn", "ir_optim") if k in options}
 
     start = time.perf_counter()
+    engine, precision = KIND_ENGINES.get(kind, (None, None))
+    # --inference_dir names the static model: the ONNX exports are found beside the checkpoint.
+    inference_dir = args.inference_dir if engine in ("auto", "static") else None
     if kind == "naive":
         predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=1, engine="dynamic")
         aligner = predictor.labeller.aligner
         predictor.labeller.engine = PaddedToMaxLen(predictor.labeller.engine, aligner.max_seq_len, aligner.pad_id)
     elif kind == "dynamic":
         predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=batch_size, engine="dynamic")
-    elif kind == "predict" and int(options.get("workers", 1)) > 1:  # predict.py --workers N
+    elif engine and int(options.get("workers", 1)) > 1:  # predict.py --workers N
         from pipeline.predict_workers import ParallelPredictor
 
         predictor = ParallelPredictor(int(options["workers"]), directory=args.checkpoint, batch_size=batch_size,
-                                      engine="auto", inference_dir=args.inference_dir)
+                                      engine=engine, precision=precision, inference_dir=inference_dir)
         predictor.start()
-    elif kind in ("predict", "static"):
-        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=batch_size,
-                                              engine="auto" if kind == "predict" else "static",
-                                              inference_dir=args.inference_dir, static_options=static_options)
+    elif engine:
+        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=batch_size, engine=engine,
+                                              precision=precision, inference_dir=inference_dir,
+                                              static_options=static_options)
     else:
         raise SystemExit(f"unknown engine {kind!r}")
     if kind == "naive":
@@ -300,6 +350,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", default="", help="also time (c) with these CPU thread counts, e.g. 1,2")
     parser.add_argument("--static_options_sweep", action="store_true",
                         help="also time the static engine with oneDNN on/off x IR optimisation on/off")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time the static engine forced, and the ONNX fp32 and int8 engines (their exports "
+                             "beside the checkpoint: python -m pipeline.export --format onnx [--quantize int8]), "
+                             "with every --workers N too")
     parser.add_argument("--json", default=None, help="write every figure (not the labels) to this file")
     # Internal: one engine in a child process.
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -335,9 +389,12 @@ def main(argv=None) -> int:
     specs = ["naive", "dynamic", "predict"]
     specs += [f"predict:bs={b}" for b in args.batch_sizes.split(",") if b.strip()]
     specs += [f"predict:threads={t}" for t in args.threads.split(",") if t.strip()]
-    specs += [f"predict:workers={w}" for w in args.workers.split(",") if w.strip()]
+    workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    specs += [f"predict:workers={w}" for w in workers]
     if args.static_options_sweep:
         specs += [f"static:onednn={o},ir_optim={i}" for o in (0, 1) for i in (1, 0)]
+    if args.onnx:
+        specs += ["static", "onnx", "int8"] + [f"{kind}:workers={w}" for kind in ("onnx", "int8") for w in workers]
     info = common.machine_info()
     print(f"# predict throughput, MSRA-NER test ({total} sentences; naive on {len(naive_subset)}"
           f"{' evenly spaced' if len(naive_subset) < total else ''})")
@@ -371,6 +428,12 @@ def main(argv=None) -> int:
             positions = naive_subset if spec == "naive" else all_indices
             worst = max(worst, sum(labels != reference[i] for i, labels in zip(positions, result["labels"])))
         differing[spec] = worst
+    # int8 may differ from float32 by design: its differences are reported, not counted as failures.
+    reduced = {spec for spec in runs if parse_spec(spec)[0] == "int8"}
+    gold = read_test_labels(Path(args.test_file).expanduser())
+    scores = {spec: f1_scores([gold[i] for i in (naive_subset if spec == "naive" else all_indices)],
+                              results[0]["labels"]) for spec, results in runs.items()}
+    int8_changes = {spec: differing_labels(reference, runs[spec][0]["labels"]) for spec in reduced}
 
     summary = {}
     for spec, results in runs.items():
@@ -382,18 +445,24 @@ def main(argv=None) -> int:
             "startup_seconds": common.summary([r["startup_seconds"] for r in results]),
             "peak_rss_mib": common.summary([r["peak_rss_mib"] for r in results]),
             "differing_sentences": differing[spec], "warnings": results[0]["warnings"],
+            "precision": "int8" if spec in reduced else "fp32", "scores": scores[spec],
+            "ceiling_share": None,  # filled in below, once the ceiling is known
         }
-    rows = [[spec, s["engine"], str(s["batch_size"]), str(s["sentences"]),
+    limit = ceiling["ceiling_sentences_per_second"]
+    for s in summary.values():
+        s["ceiling_share"] = s["sentences_per_second"]["median"] / limit
+    rows = [[spec, s["engine"], s["precision"], str(s["batch_size"]), str(s["sentences"]),
              common.fmt_mmm(s["sentences_per_second"]), common.fmt_mmm(s["sentences_per_cpu_second"]),
-             common.fmt_mmm(s["startup_seconds"]), common.fmt_mmm(s["peak_rss_mib"], "{:.0f}"),
+             f"{s['ceiling_share']:.0%}", common.fmt_mmm(s["startup_seconds"]),
+             common.fmt_mmm(s["peak_rss_mib"], "{:.0f}"), f"{s['scores']['f1']:.4f} / {s['scores']['strict_f1']:.4f}",
              str(s["differing_sentences"])] for spec, s in summary.items()]
     print()
-    print(common.table(rows, ["run", "engine", "batch", "sentences", "sent/s median (min..max)", "sent per CPU s",
-                              "start-up s", "peak RSS MiB", "sentences differing from (c)"]))
+    print(common.table(rows, ["run", "engine", "precision", "batch", "sentences", "sent/s median (min..max)",
+                              "sent per CPU s", "of fp32 ceiling", "start-up s", "peak RSS MiB", "F1 / strict F1",
+                              "sentences differing from (c)"]))
     median = {spec: s["sentences_per_second"]["median"] for spec, s in summary.items()}
     ratios = {"predict/naive": common.ratio(median["predict"], median["naive"]),
               "predict/dynamic": common.ratio(median["predict"], median["dynamic"])}
-    limit = ceiling["ceiling_sentences_per_second"]
     print(f"\nmatmul ceiling (forward matrix products of these sentences, no padding, at paddle.matmul's rate "
           f"here): {limit:.1f} sent/s = {common.ratio(limit, median['naive']):.2f}x the naive predictor; (c) reaches "
           f"{median['predict'] / limit:.0%} of it")
@@ -408,18 +477,32 @@ def main(argv=None) -> int:
             if name == "predict/naive" and len(naive_subset) < total else ""
         verdict = "meets" if value >= TARGETS[name] else "MISSES"
         print(f"ratio {name}: {value:.2f}x (target >= {TARGETS[name]}x: {verdict}){note}")
+    if "int8" in runs:
+        for name, (numerator, denominator) in {"int8/predict": ("int8", "predict"),
+                                               "int8/naive": ("int8", "naive")}.items():
+            ratios[name] = value = common.ratio(median[numerator], median[denominator])
+            verdict = "meets" if value >= INT8_TARGETS[name] else "MISSES"
+            print(f"ratio {name}: {value:.2f}x (target >= {INT8_TARGETS[name]}x: {verdict})")
+        for key in ("f1", "strict_f1"):
+            points = 100 * (scores["int8"][key] - scores["predict"][key])
+            verdict = "within" if abs(points) <= INT8_F1_POINTS else "OUTSIDE"
+            print(f"int8 {key}: {scores['int8'][key]:.4f} vs (c) {scores['predict'][key]:.4f}: {points:+.2f} points "
+                  f"({verdict} {INT8_F1_POINTS})")
+        for spec, change in int8_changes.items():
+            print(f"int8 labels vs (c), {spec}: {change['sentences']} sentence(s), {change['characters']} of "
+                  f"{change['of_characters']} characters differ (reported, not a failure)")
     if summary["predict"]["engine"] != "static":
         print("note: (c) ran the dynamic graph: no current static export was found "
               f"(python -m pipeline.export --checkpoint {args.checkpoint}); {summary['predict']['warnings']}")
-    total_differing = sum(differing.values())
-    print(f"label check: {total_differing} sentence(s) differ from (c) "
-          f"({', '.join(f'{k}: {v}' for k, v in differing.items())})")
+    total_differing = sum(v for k, v in differing.items() if k not in reduced)
+    print(f"label check (float32 engines): {total_differing} sentence(s) differ from (c) "
+          f"({', '.join(f'{k}: {v}' for k, v in differing.items() if k not in reduced)})")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "machine": info, "date": common.now_utc(), "command": common.command_line(),
             "checkpoint": args.checkpoint, "sentences": total, "naive_sentences": len(naive_subset),
             "repeats": args.repeats, "engines": summary, "ratios": ratios, "cpu_ratios": cpu_ratios,
-            "ceiling": ceiling,
+            "ceiling": ceiling, "int8_label_changes": int8_changes,
             "runs": {spec: [{k: v for k, v in r.items() if k != "labels"} for r in results]
                      for spec, results in runs.items()},
         }, indent=2), encoding="utf-8")

@@ -209,23 +209,29 @@ def _as_dtype(tensor, dtype):
 def load_tokenizer_and_meta(directory) -> tuple[dict, object]:
     """``pipeline.json`` (checked against ``config.json``'s id2label) and the tokenizer of a
     checkpoint, without building its model."""
-    import paddlenlp.transformers as transformers
-
     directory = Path(directory)
     meta = read_meta(directory)
     saved_labels = read_json_object(directory / MODEL_CONFIG_FILE, CheckpointError, _DAMAGED).get("id2label")
     if saved_labels is not None and [saved_labels[str(i)] for i in range(len(saved_labels))] != meta["labels"]:
         raise CheckpointError(f"{directory}: the label list in {META_FILE} and id2label in {MODEL_CONFIG_FILE} differ")
-    tokenizer_class = getattr(transformers, meta["tokenizer_class"], None)
+    return meta, load_tokenizer(directory, meta["tokenizer_class"])
+
+
+def load_tokenizer(directory, class_name: str):
+    """The PaddleNLP tokenizer ``class_name`` saved in ``directory`` (a checkpoint or an export)."""
+    import paddlenlp.transformers as transformers
+
+    directory = Path(directory)
+    tokenizer_class = getattr(transformers, class_name, None)
     if tokenizer_class is None:
-        raise CheckpointError(f"{directory}: unknown tokenizer class {meta['tokenizer_class']!r}")
+        raise CheckpointError(f"{directory}: unknown tokenizer class {class_name!r}")
     # Checked here: PaddleNLP would otherwise fail with "missing 'vocab_file'", naming no file.
     missing = sorted(name for name in getattr(tokenizer_class, "resource_files_names", {}).values()
                      if not (directory / name).is_file())
     if missing:
-        raise CheckpointError(f"checkpoint {directory} is missing the tokenizer file(s) {missing} that "
-                              f"{meta['tokenizer_class']} needs; copy them from the model it was trained from")
-    return meta, tokenizer_class.from_pretrained(str(directory))
+        raise CheckpointError(f"{directory} is missing the tokenizer file(s) {missing} that "
+                              f"{class_name} needs; copy them from the model it was trained from")
+    return tokenizer_class.from_pretrained(str(directory))
 
 
 def load_inference_bundle(directory) -> InferenceBundle:

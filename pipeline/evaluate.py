@@ -23,7 +23,7 @@ from .config import DATA_FORMATS, TAG_SCHEMES
 from .device import DeviceError, add_device_arguments, prepare_process, use_gpu_of
 from .decoding import DECODINGS
 from .prediction_io import output_problem
-from .predictor import ENGINES, Predictor
+from .predictor import ALL_PRECISIONS, ENGINES, EngineUnavailable, Predictor, precision_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_examples", type=int, default=0, help="only the first N sentences (0: all)")
     parser.add_argument("--predictions", help="also write every sentence's tokens, gold and predicted labels here")
     parser.add_argument("--engine", default="dynamic", choices=ENGINES)
+    parser.add_argument("--precision", default=None, choices=ALL_PRECISIONS,
+                        help="as predict.py's (e.g. --engine onnx --precision int8 scores the int8 export)")
     add_device_arguments(parser)
     parser.add_argument("--report", metavar="DIR", help="also write scores per type, entity errors by kind, the "
                         "most frequent mistakes with a sentence each (JSON and markdown) and a PNG into DIR")
@@ -71,12 +73,15 @@ def main(argv=None) -> int:
 
     try:
         device = set_device(device)
+        problem = precision_problem(args.precision, device.kind, args.engine)
+        if problem:
+            raise DeviceError(problem)
         examples, _ = read_examples(args.file, args.data_format, args.tag_scheme)
         predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size, engine=args.engine,
-                                              use_gpu=device.is_gpu, decoding=args.decoding)
+                                              use_gpu=device.is_gpu, decoding=args.decoding, precision=args.precision)
         labeller = predictor.labeller
         check_labels(examples, labeller.labels)
-    except (DeviceError, DataError, CheckpointError) as error:
+    except (DeviceError, DataError, CheckpointError, EngineUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.max_examples:

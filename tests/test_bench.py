@@ -92,6 +92,27 @@ def test_step_profile_prints_the_operators_of_a_training_step(tiny_model_dir, tm
     assert "Global_MatmulGradNode" in summary or "matmul_grad" in summary, summary[:2000]
 
 
+
+def test_prediction_bench_scores_and_counts_label_differences(tmp_path):
+    from seqeval.metrics import f1_score
+    from seqeval.scheme import IOB2
+
+    from helpers import write_synthetic_splits
+
+    test_file = write_synthetic_splits(tmp_path, {"test": 20}, seed=3) / "test.tsv"
+    texts, gold = predict_throughput.read_test_texts(test_file), predict_throughput.read_test_labels(test_file)
+    assert len(texts) == len(gold) == 20 and all(len(t) == len(g) for t, g in zip(texts, gold))
+    with_entities = [i for i, labels in enumerate(gold) if any(label != "O" for label in labels)]
+    predicted = [list(labels) for labels in gold]
+    predicted[with_entities[0]] = ["O"] * len(gold[with_entities[0]])  # every entity of one sentence lost
+    scores = predict_throughput.f1_scores(gold, predicted)
+    assert scores["f1"] == pytest.approx(f1_score(gold, predicted)) and scores["f1"] < 1
+    assert scores["strict_f1"] == pytest.approx(f1_score(gold, predicted, mode="strict", scheme=IOB2))
+    changed = sum(label != "O" for label in gold[with_entities[0]])
+    assert predict_throughput.differing_labels(gold, predicted) == {
+        "sentences": 1, "characters": changed, "of_characters": sum(map(len, gold))}
+
+
 # ---------------------------------------------------------------- train_throughput: batches, comparison, floor
 
 

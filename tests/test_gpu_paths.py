@@ -608,8 +608,8 @@ def test_gpu_static_engine_runs_on_the_process_card_in_the_precision_asked(monke
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--device", "cpu", "--precision", "fp16", "--engine", "static"], "not available on CPU (there: fp32)"),
-    (["--device", "gpu", "--precision", "fp16"], "add --engine static"),
+    (["--device", "cpu", "--precision", "fp16", "--engine", "static"], "not available on CPU (there: fp32, int8)"),
+    (["--device", "gpu", "--precision", "fp16", "--engine", "dynamic"], "add --engine static"),
     (["--device", "cpu", "--use_gpu"], "--use_gpu contradicts --device cpu"),
     (["--device", "gpu", "--workers", "2"], "--workers is for CPU prediction"),
 ])

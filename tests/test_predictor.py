@@ -238,7 +238,7 @@ def test_cli_choices_are_the_owning_modules_lists():
     assert choices(predict.build_parser())["input_format"] is INPUT_FORMATS
     evaluate_choices = choices(evaluate.build_parser())
     assert evaluate_choices == {"data_format": DATA_FORMATS, "tag_scheme": TAG_SCHEMES, "engine": ENGINES,
-                                "device": DEVICE_FLAGS,
+                                "device": DEVICE_FLAGS, "precision": ALL_PRECISIONS,
                                 "decoding": DECODINGS}
     assert (evaluate_choices["data_format"] is DATA_FORMATS and evaluate_choices["tag_scheme"] is TAG_SCHEMES
             and evaluate_choices["engine"] is ENGINES and evaluate_choices["decoding"] is DECODINGS)
