@@ -159,6 +159,7 @@ def test_local_sh_relaunches_through_supervise(fake_python, tmp_path):
     ("multinode.sh", {"NODE_RANK": "first"}),
     ("multinode.sh", {"MASTER_PORT": "70000"}),
     ("multinode.sh", {"GPUS": "all"}),
+    ("multinode.sh", {"TASK": "serve"}),
 ])
 def test_launch_scripts_reject_words_where_numbers_belong(script, variables, fake_python, tmp_path):
     env = {"PATH": os.environ["PATH"], "PYTHON": str(fake_python), "CONFIG": CONFIG, "MASTER_ADDR": "127.0.0.1",

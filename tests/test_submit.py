@@ -206,6 +206,24 @@ def test_multinode_sh_builds_the_launcher_command(tmp_path):
     assert args[-4:] == ["train_dist.py", "--config", CONFIG, "max_steps=3"]
 
 
+@pytest.mark.parametrize("gpus, device", [("", "cpu"), ("0,1", "gpu")])
+def test_multinode_sh_runs_predict_py_with_its_flags_when_task_is_predict(gpus, device, tmp_path):
+    """TASK=predict: no CONFIG needed, the arguments are predict.py's flags, and the device follows the workers."""
+    fake = tmp_path / "python"
+    # `-m pipeline.device` is the GPU check before --gpus: it passes here; the launcher prints its arguments.
+    fake.write_text('#!/usr/bin/env bash\n[ "$2" = pipeline.device ] && exit 0\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "12345",
+           "NNODES": "2", "NODE_RANK": "0", "TASK": "predict", "GPUS": gpus}
+    flags = ["--checkpoint", "ckpt/best_model", "--input", "in put.txt", "--output", "out.jsonl"]
+    result = subprocess.run(["bash", str(ROOT / "launch" / "multinode.sh"), *flags], env=env,
+                            capture_output=True, text=True, check=True)
+    args = result.stdout.splitlines()
+    assert args[:2] == ["-m", "paddle.distributed.launch"] and "train_dist.py" not in args
+    assert args[args.index("predict.py"):] == ["predict.py", "--device", device, *flags]
+    assert (("--gpus", "0,1") if gpus else ("--nproc_per_node", "1")) in set(zip(args, args[1:]))
+
+
 @pytest.mark.parametrize("values, message", [
     (dict(nodes=0), "--nodes must be between 1 and 1024, got 0"),
     (dict(nodes=5000), "--nodes must be between 1 and 1024, got 5000"),
