@@ -1,5 +1,8 @@
 """Cluster jobs (Slurm, paddle-operator, Kubeflow, plain multi-node) rendered from one set of values.
 
+A training job (`JobSpec`: train_dist.py, a config and overrides) or a prediction job (`PredictionJob`:
+predict.py and its flags); both share where they run and how they are relaunched (`ClusterJob`).
+
 The templates are the files under launch/ (`@@{name}` placeholders, see `LaunchTemplate`); this
 module only computes the values and fills them in. Hosts, ports and device ids are never
 rendered (except the rendezvous port Kubeflow's operator reads from the manifest): they come from the
@@ -289,7 +292,8 @@ class PredictionJob(ClusterJob):
 
     def _check_predict_flags(self):
         """predict.py's own parser and checks, with the device this job gives it, before anything is rendered;
-        then what only a job refuses: standard streams, --workers, a device of the user's, a pod-local output."""
+        then what only a job refuses: standard streams, --overwrite (each relaunch would start over), --workers,
+        a device of the user's, a pod-local output."""
         import predict  # the script at the checkout's top: its flags and their checks (it imports no Paddle)
 
         for word in self.predict_args:
@@ -302,6 +306,9 @@ class PredictionJob(ClusterJob):
         if given.device is not None or given.use_gpu:
             raise SubmitError("--device/--use_gpu after --: a prediction job sets the device from --gpus-per-node "
                               "(0: CPU workers)")
+        if given.overwrite:
+            raise SubmitError(f"--overwrite after --: every relaunch of the job would start the output over; to "
+                              f"start anew, delete {given.output}.partial before submitting")
         if given.workers != 1:
             raise SubmitError(f"--workers {given.workers} after --: a job's prediction processes are the launcher's "
                               "ranks (--nodes, --gpus-per-node)")

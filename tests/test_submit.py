@@ -445,6 +445,8 @@ F = PREDICT_FLAGS  # a later flag replaces an earlier one, in predict.py as here
     ([], {}, "predict.py flags (after --): the following arguments are required: --checkpoint, --input"),
     (["--checkpoint", "ck", "--input", "in.txt"], {}, "predict.py --output -: a prediction job reads and writes files"),
     (F + ["--input", "-"], {}, "predict.py --input -: a prediction job reads and writes files"),
+    (F + ["--overwrite"], {}, "--overwrite after --: every relaunch of the job would start the output over; to "
+                              f"start anew, delete {SHARED}/corpus.jsonl.partial"),
     (F + ["--workers", "2"], {}, "--workers 2 after --: a job's prediction processes are the launcher's ranks"),
     (F + ["--device", "gpu"], {}, "--device/--use_gpu after --: a prediction job sets the device from --gpus-per-node"),
     (F + ["--use_gpu"], {}, "--device/--use_gpu after --"),
