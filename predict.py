@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None):
-    parser = build_parser()
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None):
+    """predict.py's flags, checked; ``parser`` (default ``build_parser()``) reports what is wrong: the job
+    renderer (``pipeline.jobs``) passes one whose ``error`` raises, to check a job's flags the same way."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")

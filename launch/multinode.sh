@@ -3,6 +3,7 @@
 #
 #   MASTER_ADDR=<node 0 address> MASTER_PORT=<free port> NNODES=2 NODE_RANK=0 \
 #   CONFIG=configs/msra_m3e_small_quick.yaml GPUS=0,1,2,3 bash launch/multinode.sh [key=value ...]
+#   ... TASK=predict GPUS=0,1,2,3 bash launch/multinode.sh --checkpoint DIR/best_model --input IN --output OUT
 #
 # Variables (nothing is hard-coded; every value comes from the environment):
 #   MASTER_ADDR  address of the rendezvous node (node rank 0). Paddle's launcher starts its
@@ -13,7 +14,11 @@
 #   NNODES       number of nodes; or MIN:MAX for an elastic job (see below).
 #   NODE_RANK    this node's rank, 0..NNODES-1. Optional: without it nodes are ranked in
 #                arrival order (the master's own node first).
-#   CONFIG       YAML preset for train_dist.py; the arguments of this script are key=value overrides.
+#   TASK         train (default): train_dist.py --config CONFIG, the arguments of this script are key=value
+#                overrides; predict: predict.py, the arguments are its flags (--checkpoint, --input,
+#                --output...), and --device gpu or cpu follows the workers below. Rank 0 alone reads the
+#                input and writes the output; a rerun of the same command continues it.
+#   CONFIG       YAML preset for train_dist.py (TASK=train).
 #   GPUS         device ids of this node (e.g. "0,1", as listed in CUDA_VISIBLE_DEVICES if set);
 #   GPUS_PER_NODE  or a count: that many workers on the first visible GPUs.
 #                Neither set (or 0): NPROC CPU workers over gloo.
@@ -34,7 +39,17 @@ cd "$(dirname "$0")/.."
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0 (or etcd://HOST for elastic)}"
 : "${MASTER_PORT:?set MASTER_PORT to a free port on the master}"
 : "${NNODES:?set NNODES to the number of nodes (or MIN:MAX)}"
-CONFIG=${CONFIG:?set CONFIG to a YAML preset, e.g. configs/msra_m3e_small_quick.yaml}
+TASK=${TASK:-train}
+case $TASK in
+  train)
+    CONFIG=${CONFIG:?set CONFIG to a YAML preset, e.g. configs/msra_m3e_small_quick.yaml}
+    program=(train_dist.py --config "$CONFIG"); on_gpu=(use_gpu=true); on_cpu=() ;;
+  predict)
+    # The device follows the launcher's workers: a GPU build on a node whose GPUs are not used must not pick one.
+    program=(predict.py); on_gpu=(--device gpu); on_cpu=(--device cpu) ;;
+  *)
+    echo "launch/multinode.sh: TASK must be train or predict, got '$TASK'" >&2; exit 2 ;;
+esac
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
@@ -71,14 +86,13 @@ if [ -n "${GPUS:-}" ] || [ "${GPUS_PER_NODE:-0}" -gt 0 ]; then
   fi
 fi
 if [ -n "${GPUS:-}" ]; then
-  exec "$PYTHON" -m paddle.distributed.launch "${args[@]}" --gpus "$GPUS" \
-    train_dist.py --config "$CONFIG" use_gpu=true "$@"
+  exec "$PYTHON" -m paddle.distributed.launch "${args[@]}" --gpus "$GPUS" "${program[@]}" "${on_gpu[@]}" "$@"
 fi
 if [ "${GPUS_PER_NODE:-0}" -gt 0 ]; then
   exec "$PYTHON" -m paddle.distributed.launch "${args[@]}" --nproc_per_node "$GPUS_PER_NODE" \
-    train_dist.py --config "$CONFIG" use_gpu=true "$@"
+    "${program[@]}" "${on_gpu[@]}" "$@"
 fi
 # The launcher reads any CUDA_VISIBLE_DEVICES, even an empty one, as a request for GPUs.
 unset CUDA_VISIBLE_DEVICES
 exec "$PYTHON" -m paddle.distributed.launch "${args[@]}" --nproc_per_node "${NPROC:-1}" \
-  train_dist.py --config "$CONFIG" "$@"
+  "${program[@]}" "${on_cpu[@]}" "$@"

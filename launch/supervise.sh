@@ -4,9 +4,11 @@
 #
 #   [MAX_RESTARTS=N] [RESTART_DELAY=S] [EXIT_CODES=kubernetes] bash launch/supervise.sh COMMAND [ARG...]
 #
-# Exit codes of the training (train_dist.py, through paddle.distributed.launch):
+# Exit codes of the training (train_dist.py, through paddle.distributed.launch), and of a prediction
+# (predict.py: 0, 2, or a lost worker or rank, whose relaunch continues the output):
 #   0   finished
-#   2   bad config, data or checkpoint_dir; 3 NaN/Inf stop: the same input fails the same way, never retried
+#   2   bad config, data, checkpoint_dir or prediction input; 3 NaN/Inf stop: the same input fails the same
+#       way, never retried
 #   75  stopped on a signal after saving a training state: "relaunch me" (EX_TEMPFAIL, RELAUNCH_EXIT_CODE in
 #       pipeline/jobs.py); anything else (a lost worker: 1, 241...) is also worth a relaunch, which resumes
 # A retryable exit is relaunched here up to MAX_RESTARTS times (default 0), RESTART_DELAY seconds apart
@@ -100,7 +102,8 @@ while :; do
   fi
   attempt=$((attempt + 1))
   echo "launch/supervise.sh: the job exited with status $status; relaunching ($attempt of $MAX_RESTARTS)" \
-       "in ${RESTART_DELAY} s, resuming from the newest training state" >&2
+       "in ${RESTART_DELAY} s, to continue where it stopped (the newest training state, or the output's" \
+       "last complete chunk)" >&2
   sleep "$RESTART_DELAY" &
   wait $! 2>/dev/null
   if [ -n "$signalled" ]; then leave "$status"; fi

@@ -1,5 +1,8 @@
 """Cluster jobs (Slurm, paddle-operator, Kubeflow, plain multi-node) rendered from one set of values.
 
+A training job (`JobSpec`: train_dist.py, a config and overrides) or a prediction job (`PredictionJob`:
+predict.py and its flags); both share where they run and how they are relaunched (`ClusterJob`).
+
 The templates are the files under launch/ (`@@{name}` placeholders, see `LaunchTemplate`); this
 module only computes the values and fills them in. Hosts, ports and device ids are never
 rendered (except the rendezvous port Kubeflow's operator reads from the manifest): they come from the
@@ -9,11 +12,13 @@ scheduler or the operator when the job runs. The command line is
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from .stop_signals import RELAUNCH_EXIT_CODE  # imports nothing heavy: no Paddle
 
@@ -30,18 +35,25 @@ K8S_TARGETS = ("k8s-paddle", "k8s-kubeflow")
 
 # The multi-node target only fixes the job's values; launch/multinode.sh holds the command.
 MULTINODE_TEMPLATE = """#!/usr/bin/env bash
-# @@{job_name}: @@{nodes} node(s). Run this same file on every node, with that node's values:
+# @@{job_name}: @@{what} on @@{nodes} node(s). Run this same file on every node, with that node's values:
 #   MASTER_ADDR=<address of node 0> MASTER_PORT=<free port> NODE_RANK=<0..@@{last_rank}> bash @@{script_name}
-# NERPIPE_ROOT is the checkout (default: the current directory). Extra arguments: key=value overrides.
+# NERPIPE_ROOT is the checkout (default: the current directory). Extra arguments: @@{extra_arguments}.
 set -euo pipefail
+export TASK=@@{task}
 export NNODES=@@{nodes}
-export CONFIG=${CONFIG:-@@{config}}
+@@{config_export}
 export GPUS_PER_NODE=${GPUS_PER_NODE:-@@{gpus_per_node}}
 export JOB_ID=${JOB_ID:-@@{job_name}}
-export NERPIPE_JOB=@@{job_name}   # this job owns checkpoint_dir: a rerun of this file continues it
+export NERPIPE_JOB=@@{job_name}   # a training job owns its checkpoint_dir: a rerun of this file continues it
 export LOG_DIR=${LOG_DIR:-@@{log_root}/node-${NODE_RANK:-$(hostname)}}
-exec bash "${NERPIPE_ROOT:-.}/launch/multinode.sh" @@{overrides} "$@"
+@@{multinode_exec}
 """
+# A prediction's wrapper relaunches it in place (every node's launcher fails when one node's does, and all
+# of them relaunch and meet again); each relaunch continues the output.
+MULTINODE_SUPERVISED = """# launch/supervise.sh relaunches a failed prediction (not exit 2, bad input) up to MAX_RESTARTS times,
+# RESTART_DELAY seconds apart; each relaunch continues the output after its last complete chunk.
+export MAX_RESTARTS=${MAX_RESTARTS:-@@{max_restarts}} RESTART_DELAY=${RESTART_DELAY:-@@{restart_delay}}
+exec bash "${NERPIPE_ROOT:-.}/launch/supervise.sh" """
 
 # launch/supervise.sh and the Slurm template relaunch the training's RELAUNCH_EXIT_CODE ("stopped on a
 # signal after saving a training state"); 2 (bad input) and 3 (NaN/Inf stop) are never relaunched.
@@ -83,14 +95,14 @@ class LaunchTemplate(string.Template):
     delimiter = "@@"
 
 
-@dataclass
-class JobSpec:
-    """Everything a target needs; validated in `__post_init__`."""
+@dataclass(kw_only=True)
+class ClusterJob:
+    """Where a job runs and how it is relaunched: what a training and a prediction job share; validated in
+    `__post_init__`. Keyword-only, so that each kind of job adds its own required fields."""
 
     target: str
     nodes: int
     gpus_per_node: int
-    config: str
     image: str | None = None
     shared_dir: str | None = None
     job_name: str = "nerpipe"
@@ -98,11 +110,14 @@ class JobSpec:
     workdir: str | None = None
     cpus_per_node: int | None = None
     memory_gb: int | None = None
-    save_interval: int = DEFAULT_SAVE_INTERVAL
     max_restarts: int = 3
     restart_delay: int = 30
     deadline_hours: float = 72.0
-    overrides: list[str] = field(default_factory=list)
+
+    task: ClassVar[str]  # what launch/multinode.sh runs (its TASK): train or predict
+    # The smallest value of each whole-number flag; the largest are in LIMITS.
+    minimums: ClassVar[dict[str, int]] = {"nodes": 1, "gpus_per_node": 0, "cpus_per_node": 1, "memory_gb": 1,
+                                          "max_restarts": 0, "restart_delay": 0}
 
     def __post_init__(self):
         if self.target not in TEMPLATES:
@@ -115,15 +130,9 @@ class JobSpec:
             if not self.shared_dir or not self.shared_dir.startswith("/"):
                 raise SubmitError(f"--shared-dir (an absolute mount path for the shared volume) is required "
                                   f"for {self.target}")
-        for item in self.overrides:
-            if not OVERRIDE.match(item) or "\n" in item:
-                raise SubmitError(f"override {item!r} is not of the form key=value")
-        self._check_training_config()
 
     def _check_sizes(self):
-        minimum = {"nodes": 1, "gpus_per_node": 0, "cpus_per_node": 1, "memory_gb": 1, "max_restarts": 0,
-                   "restart_delay": 0, "save_interval": 1}
-        for name, low in minimum.items():
+        for name, low in self.minimums.items():
             value = getattr(self, name)
             if value is None:
                 continue
@@ -152,8 +161,57 @@ class JobSpec:
                                   "mount paths and shell lines)")
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise SubmitError(f"--workdir {self.workdir!r} must be an absolute path inside the container")
+
+    def program(self) -> list[str]:
+        """The script the launcher starts and what comes before the job's arguments (k8s command lines)."""
+        raise NotImplementedError
+
+    def arguments(self) -> list[str]:
+        """The words after `program()`: what launch/multinode.sh passes on, and the k8s command's last words."""
+        raise NotImplementedError
+
+    def task_values(self) -> dict[str, str]:
+        """The placeholders whose text differs between training and prediction (comments and messages)."""
+        raise NotImplementedError
+
+    def workers_per_node(self) -> int:
+        """One worker per GPU, or one CPU worker per node."""
+        return max(self.gpus_per_node, 1)
+
+    def cpus(self) -> int:
+        return self.cpus_per_node or CPUS_PER_WORKER * self.workers_per_node()
+
+    def memory(self) -> int:
+        return self.memory_gb or MEMORY_GB_PER_WORKER * self.workers_per_node()
+
+    def log_root(self) -> str:
+        """Where per-node log directories go: the shared storage if there is one, else ./log."""
+        return f"{self.shared_dir.rstrip('/')}/logs/{self.job_name}" if self.shared_dir else "log"
+
+    def k8s_workdir(self) -> str:
+        """The container's working directory: the checkout, on the shared volume unless --workdir says where."""
+        return self.workdir or f"{self.shared_dir.rstrip('/')}/nerpipe"
+
+
+@dataclass(kw_only=True)
+class JobSpec(ClusterJob):
+    """A training job: train_dist.py with a config and overrides on every node; it resumes after a relaunch."""
+
+    config: str
+    save_interval: int = DEFAULT_SAVE_INTERVAL
+    overrides: list[str] = field(default_factory=list)
+
+    task = "train"
+    minimums = {**ClusterJob.minimums, "save_interval": 1}
+
+    def __post_init__(self):
+        super().__post_init__()
         if "\n" in self.config:
             raise SubmitError(f"--config {self.config!r} holds a line break")
+        for item in self.overrides:
+            if not OVERRIDE.match(item) or "\n" in item:
+                raise SubmitError(f"override {item!r} is not of the form key=value")
+        self._check_training_config()
 
     def _check_training_config(self):
         """The config and overrides load and validate as train_dist.py will load them; the job must resume."""
@@ -191,26 +249,110 @@ class JobSpec:
             items.append("use_gpu=true")
         return items
 
-    def workers_per_node(self) -> int:
-        """One worker per GPU, or one CPU worker per node."""
-        return max(self.gpus_per_node, 1)
+    def program(self) -> list[str]:
+        return ["train_dist.py", "--config", self.config]
 
-    def cpus(self) -> int:
-        return self.cpus_per_node or CPUS_PER_WORKER * self.workers_per_node()
+    def arguments(self) -> list[str]:
+        return self.all_overrides()
 
-    def memory(self) -> int:
-        return self.memory_gb or MEMORY_GB_PER_WORKER * self.workers_per_node()
+    def task_values(self) -> dict[str, str]:
+        return {
+            "what": "training",
+            "summary": "config $CONFIG",
+            "config_export": f"export CONFIG=${{CONFIG:-{shlex.quote(self.config)}}}",
+            "extra_arguments": "key=value overrides",
+            "signal_directive": "#SBATCH --signal=USR1@120",
+            "continues": "it resumes from the newest training state",
+        }
 
-    def log_root(self) -> str:
-        """Where per-node log directories go: the shared storage if there is one, else ./log."""
-        return f"{self.shared_dir.rstrip('/')}/logs/{self.job_name}" if self.shared_dir else "log"
+
+# What predict.py reads as "standard input/output": refused in a job, whose ranks run under the launcher.
+PREDICT_STDIO = "-"
+
+
+def _refuse_predict_flags(message: str):
+    """predict.py's parser's `error`, for the renderer: one line, no usage text, no exit."""
+    raise SubmitError(f"predict.py flags (after --): {message}")
+
+
+@dataclass(kw_only=True)
+class PredictionJob(ClusterJob):
+    """A prediction job: predict.py under the launcher on every node (rank 0 reads the input and writes the
+    output), relaunched by launch/supervise.sh or requeued by Slurm; a relaunch continues the output."""
+
+    predict_args: list[str] = field(default_factory=list)
+    # Not the training job's name: its PaddleJob and its logs may still be there.
+    job_name: str = "nerpipe-predict"
+
+    task = "predict"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_predict_flags()
+
+    def _check_predict_flags(self):
+        """predict.py's own parser and checks, with the device this job gives it, before anything is rendered;
+        then what only a job refuses: standard streams, --overwrite (each relaunch would start over), --workers,
+        a device of the user's, a pod-local output."""
+        import predict  # the script at the checkout's top: its flags and their checks (it imports no Paddle)
+
+        for word in self.predict_args:
+            if any(ord(c) < 32 or ord(c) == 127 for c in word):
+                raise SubmitError(f"predict.py flag {word!r} holds a control character (a line break?): the flags "
+                                  "go into shell lines")
+        parser = predict.build_parser()
+        parser.error = _refuse_predict_flags
+        given = parser.parse_args(self.predict_args)
+        if given.device is not None or given.use_gpu:
+            raise SubmitError("--device/--use_gpu after --: a prediction job sets the device from --gpus-per-node "
+                              "(0: CPU workers)")
+        if given.overwrite:
+            raise SubmitError(f"--overwrite after --: every relaunch of the job would start the output over; to "
+                              f"start anew, delete {given.output}.partial before submitting")
+        if given.workers != 1:
+            raise SubmitError(f"--workers {given.workers} after --: a job's prediction processes are the launcher's "
+                              "ranks (--nodes, --gpus-per-node)")
+        for flag, path in (("--input", given.input), ("--output", given.output)):
+            if path == PREDICT_STDIO:
+                raise SubmitError(f"predict.py {flag} {path}: a prediction job reads and writes files, not standard "
+                                  "input/output (give predict.py --input FILE --output FILE after --)")
+        predict.parse_args([*self.predict_args, *self._device_flags()], parser)  # values, precision on the device
+        if self.target in K8S_TARGETS:
+            shared = self.shared_dir.rstrip("/")
+            where = posixpath.normpath(posixpath.join(self.k8s_workdir(), given.output))
+            if not where.startswith(shared + "/"):
+                # A relaunch may run rank 0 in another pod (Kubeflow ranks pods by arrival; pods are recreated).
+                raise SubmitError(f"predict.py --output {given.output} is {where} in the pod, not on --shared-dir "
+                                  f"{self.shared_dir}: a pod's own disk goes away with it, and a relaunch could not "
+                                  "continue the output")
+
+    def _device_flags(self) -> list[str]:
+        return ["--device", "gpu" if self.gpus_per_node > 0 else "cpu"]
+
+    def program(self) -> list[str]:
+        return ["predict.py"]
+
+    def arguments(self) -> list[str]:
+        # launch/multinode.sh adds --device from the GPUs it finds on the node; a pod's are known here.
+        return [*self.predict_args, *(self._device_flags() if self.target in K8S_TARGETS else [])]
+
+    def task_values(self) -> dict[str, str]:
+        return {
+            "what": "prediction",
+            "summary": "predict.py",
+            "config_export": "# prediction: predict.py's flags (below) say what it reads and writes; no config",
+            "extra_arguments": "more predict.py flags",
+            # predict.py has no graceful stop: SIGUSR1 before the time limit would change nothing.
+            "signal_directive": "# No --signal: the time limit ends a prediction; sbatch this file again to continue",
+            "continues": "it continues the output after its last complete chunk",
+        }
 
 
 def _shell_words(words) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
-def _k8s_resources(spec: JobSpec) -> str:
+def _k8s_resources(spec: ClusterJob) -> str:
     """Requests for CPU and memory as well as GPUs: a pod that requests only GPUs is among the first evicted
     under memory pressure. Memory is also the limit (a leak ends this pod, not its neighbours); CPU has no
     limit, so data loading may use idle cores. GPUs are an extended resource: the limit is the request."""
@@ -221,21 +363,28 @@ def _k8s_resources(spec: JobSpec) -> str:
     return json.dumps(resources)
 
 
-def template_values(spec: JobSpec, script_name: str = "job.sh") -> dict[str, str]:
+def template_values(spec: ClusterJob, script_name: str = "job.sh") -> dict[str, str]:
     """The placeholder values for `spec.target`, quoted for where each placeholder sits."""
     values = {
         "job_name": spec.job_name,
+        "task": spec.task,
         "nodes": str(spec.nodes),
         "last_rank": str(spec.nodes - 1),
         "gpus_per_node": str(spec.gpus_per_node),
-        "config": shlex.quote(spec.config),
-        "overrides": _shell_words(spec.all_overrides()),
+        "arguments": _shell_words(spec.arguments()),
+        "program": _shell_words([*spec.program(), *spec.arguments()]),
         "log_root": shlex.quote(spec.log_root()),
         "script_name": shlex.quote(script_name),
         "max_restarts": str(spec.max_restarts),
         "restart_delay": str(spec.restart_delay),
         "relaunch_exit_code": str(RELAUNCH_EXIT_CODE),
+        **spec.task_values(),
     }
+    if spec.target == "multinode":
+        supervisor = (LaunchTemplate(MULTINODE_SUPERVISED).substitute(values) if isinstance(spec, PredictionJob)
+                      else "exec ")
+        values["multinode_exec"] = (f'{supervisor}bash "${{NERPIPE_ROOT:-.}}/launch/multinode.sh" '
+                                    f'{values["arguments"]} "$@"')
     if spec.target == "slurm":
         values["gpu_directive"] = (f"#SBATCH --gpus-per-node={spec.gpus_per_node}" if spec.gpus_per_node > 0
                                    else "# CPU job: no GPUs requested (gpus-per-node 0)")
@@ -244,7 +393,7 @@ def template_values(spec: JobSpec, script_name: str = "job.sh") -> dict[str, str
         gpus = spec.gpus_per_node
         values.update(
             image=json.dumps(spec.image),
-            workdir=json.dumps(spec.workdir or f"{spec.shared_dir.rstrip('/')}/nerpipe"),
+            workdir=json.dumps(spec.k8s_workdir()),
             shared_dir=json.dumps(spec.shared_dir),
             pvc=json.dumps(spec.pvc or f"{spec.job_name}-shared"),
             container_name=KUBEFLOW_CONTAINER,
@@ -261,7 +410,7 @@ def template_values(spec: JobSpec, script_name: str = "job.sh") -> dict[str, str
     return values
 
 
-def render(spec: JobSpec, script_name: str = "job.sh") -> str:
+def render(spec: ClusterJob, script_name: str = "job.sh") -> str:
     """The job file for `spec.target`, with every placeholder filled (a missing value raises)."""
     path = TEMPLATES[spec.target]
     text = MULTINODE_TEMPLATE if path is None else path.read_text(encoding="utf-8")

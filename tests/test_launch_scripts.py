@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.jobs import RELAUNCH_EXIT_CODE, JobSpec, render
+from pipeline.jobs import RELAUNCH_EXIT_CODE, JobSpec, PredictionJob, render
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPERVISE = ROOT / "launch" / "supervise.sh"
 CONFIG = "configs/msra_m3e_small_quick.yaml"
+PREDICT_FLAGS = ["--checkpoint", "outputs/ner/best_model", "--input", "/mnt/shared/corpus.txt", "--output",
+                 "/mnt/shared/corpus.jsonl"]
 SIGUSR1_BIT = 1 << (signal.SIGUSR1 - 1)
 
 
@@ -159,6 +161,7 @@ def test_local_sh_relaunches_through_supervise(fake_python, tmp_path):
     ("multinode.sh", {"NODE_RANK": "first"}),
     ("multinode.sh", {"MASTER_PORT": "70000"}),
     ("multinode.sh", {"GPUS": "all"}),
+    ("multinode.sh", {"TASK": "serve"}),
 ])
 def test_launch_scripts_reject_words_where_numbers_belong(script, variables, fake_python, tmp_path):
     env = {"PATH": os.environ["PATH"], "PYTHON": str(fake_python), "CONFIG": CONFIG, "MASTER_ADDR": "127.0.0.1",
@@ -211,13 +214,13 @@ def test_slurm_job_requeues_itself(status, restart_count, requeued, exit_code, s
     assert srun.startswith("--nodes=2 --ntasks-per-node=1 --cpus-per-task=4 --kill-on-bad-exit=1 bash -c")
 
 
-def container_command(target: str) -> tuple[str, dict]:
+def container_command(target: str, job=JobSpec) -> tuple[str, dict]:
     """The rendered pod's shell script and environment (as the operator would start it)."""
     import yaml
 
-    manifest = yaml.safe_load(render(JobSpec(target=target, nodes=2, gpus_per_node=0, config=CONFIG,
-                                             image="registry.example/ner:1", shared_dir="/mnt/shared",
-                                             job_name="ner-k")))
+    what = dict(config=CONFIG) if job is JobSpec else dict(predict_args=PREDICT_FLAGS)
+    manifest = yaml.safe_load(render(job(target=target, nodes=2, gpus_per_node=0, image="registry.example/ner:1",
+                                         shared_dir="/mnt/shared", job_name="ner-k", **what)))
     replica = manifest["spec"]["worker"] if target == "k8s-paddle" else manifest["spec"]["paddleReplicaSpecs"]["Worker"]
     (main_container,) = replica["template"]["spec"]["containers"]
     operator_env = {"PADDLE_TRAINERS": "10.1.0.1,10.1.0.2", "PADDLE_PORT": "36000", "PADDLE_TRAINERS_NUM": "2",
@@ -276,3 +279,60 @@ def test_the_rendered_container_command_forwards_one_sigterm(target, stub_launch
             job.kill()
     assert job.returncode == 143, stderr
     assert (tmp_path / "signals").read_text() == "TERM\n" and len((tmp_path / "starts").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("target", ["k8s-kubeflow", "k8s-paddle"])
+@pytest.mark.parametrize("code, pod_exit, starts", [(0, 0, 1), (1, 129, 4), (2, 2, 1)])
+def test_the_rendered_prediction_pod_runs_predict_py_through_supervise(target, code, pod_exit, starts, stub_launcher,
+                                                                       tmp_path):
+    """A prediction pod relaunches its launcher like a training pod (a relaunch continues the output); 2, bad
+    input, is not retried."""
+    script, env = container_command(target, PredictionJob)
+    result = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"PATH": f"{stub_launcher}:{os.environ['PATH']}", **env, "RESTART_DELAY": "0",
+                                 "STUB_STATUS": str(code), "HOSTNAME": "ner-k-worker-0"})
+    assert result.returncode == pod_exit, result.stderr
+    launches = (tmp_path / "starts").read_text().splitlines()
+    assert len(launches) == starts and len(set(launches)) == 1, "every relaunch runs the same command"
+    assert launches[0].startswith("-m paddle.distributed.launch")
+    assert launches[0].endswith("predict.py " + " ".join(PREDICT_FLAGS) + " --device cpu")
+
+
+def test_the_rendered_multinode_prediction_wrapper_relaunches_the_same_command(fake_python, tmp_path):
+    """The wrapper runs launch/multinode.sh (TASK=predict) under supervise.sh: a lost node (exit 1) is
+    relaunched with the same command, which continues the output."""
+    wrapper = tmp_path / "job.sh"
+    wrapper.write_text(render(PredictionJob(target="multinode", nodes=2, gpus_per_node=0, job_name="ner-p",
+                                            predict_args=PREDICT_FLAGS)))
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(fake_python), "NERPIPE_ROOT": str(ROOT),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "12345", "NODE_RANK": "1", "RESTART_DELAY": "0"}
+    result = subprocess.run(["bash", str(wrapper), "--batch_size", "8"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "relaunching (1 of 3)" in result.stderr, result.stderr
+    first, second = (tmp_path / "runs").read_text().splitlines()
+    assert first == second == (
+        "-m paddle.distributed.launch --master 127.0.0.1:12345 --nnodes 2 --job_id ner-p --log_dir log/node-1 "
+        "--rank 1 --nproc_per_node 1 predict.py --device cpu " + " ".join(PREDICT_FLAGS) + " --batch_size 8")
+
+
+def test_the_rendered_slurm_prediction_job_requeues_after_a_failure_not_after_bad_input(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    executable(bin_dir / "srun", f'#!/usr/bin/env bash\necho "TASK=$TASK $*" > {tmp_path}/srun\nexit "$SRUN_STATUS"\n')
+    executable(bin_dir / "scontrol", f'#!/usr/bin/env bash\nif [ "$1 $2" = "show hostnames" ]; then echo node-a; '
+                                     f'else echo "$*" >> {tmp_path}/scontrol; fi\n')
+    executable(bin_dir / "getent", "#!/usr/bin/env bash\nexit 2\n")
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(PredictionJob(target="slurm", nodes=2, gpus_per_node=0, job_name="ner-s",
+                                           predict_args=PREDICT_FLAGS)))
+    for status, exit_code, requeues in ((1, 0, "requeue 42\n"), (2, 2, "")):
+        env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_STATUS": str(status), "SLURM_RESTART_COUNT": "0",
+               "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "ner-s", "SLURM_JOB_NODELIST": "node-[a-b]",
+               "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "4", "SLURM_SUBMIT_DIR": str(ROOT)}
+        result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == exit_code, result.stderr
+        assert ((tmp_path / "scontrol").read_text() if (tmp_path / "scontrol").exists() else "") == requeues
+        (tmp_path / "scontrol").unlink(missing_ok=True)
+        srun = (tmp_path / "srun").read_text()
+        # Each task runs launch/multinode.sh with TASK=predict and predict.py's flags.
+        assert srun.startswith("TASK=predict --nodes=2") and srun.rstrip().endswith("bash " + " ".join(PREDICT_FLAGS))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.jobs import KUBEFLOW_PORT, TEMPLATES, JobSpec, SubmitError, render
+from pipeline.jobs import KUBEFLOW_PORT, TEMPLATES, JobSpec, PredictionJob, SubmitError, render
 from pipeline.submit import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +27,27 @@ def spec(target, nodes=3, gpus=4, **extra) -> JobSpec:
                   shared_dir=SHARED, job_name="ner-test", overrides=["epochs=2", "learning_rate=1e-4"])
     values.update(extra)
     return JobSpec(**values)
+
+
+PREDICT_FLAGS = ["--checkpoint", "outputs/ner/best_model", "--input", f"{SHARED}/corpus.txt", "--output",
+                 f"{SHARED}/corpus.jsonl", "--chunk_lines", "256"]
+
+
+def predict_spec(target, nodes=3, gpus=4, **extra) -> PredictionJob:
+    values = dict(target=target, nodes=nodes, gpus_per_node=gpus, image="registry.example/ner:1", shared_dir=SHARED,
+                  job_name="ner-test", predict_args=PREDICT_FLAGS)
+    values.update(extra)
+    return PredictionJob(**values)
+
+
+def job_of_kind(kind, target, nodes, gpus) -> tuple[JobSpec | PredictionJob, list[str]]:
+    """A training or prediction job, and the words its k8s pod command must end with (script on)."""
+    if kind == "train":
+        return spec(target, nodes=nodes, gpus=gpus), [
+            "train_dist.py", "--config", CONFIG, f"checkpoint_dir={SHARED}/checkpoints/ner-test", "epochs=2",
+            "learning_rate=1e-4", "save_interval=100", *(["use_gpu=true"] if gpus else [])]
+    return predict_spec(target, nodes=nodes, gpus=gpus), ["predict.py", *PREDICT_FLAGS, "--device",
+                                                          "gpu" if gpus else "cpu"]
 
 
 def bash_syntax_ok(path: Path):
@@ -73,8 +94,9 @@ def test_slurm_script(gpus, nodes, tmp_path):
     # Since Slurm 22.05 srun does not inherit --cpus-per-task.
     assert 'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK"' in text
     assert "scontrol show hostnames" in text and "launch/multinode.sh" in text and 'trap "" USR1' in text
-    assert (f"OVERRIDES=(checkpoint_dir={SHARED}/checkpoints/ner-test epochs=2 learning_rate=1e-4 save_interval=100)"
+    assert (f"ARGS=(checkpoint_dir={SHARED}/checkpoints/ner-test epochs=2 learning_rate=1e-4 save_interval=100)"
             in text)
+    assert "export TASK=train" in text and f"export CONFIG=${{CONFIG:-{CONFIG}}}" in text
     assert "export NERPIPE_JOB=ner-test" in text and "NERPIPE_JOB_INSTANCE=slurm-$SLURM_JOB_ID" in text
 
 
@@ -93,7 +115,7 @@ PADDLE_OPERATOR_RESOURCE = {"replicas", "requests", "limits", "template"}
 QUANTITY = re.compile(r"^[0-9]+(Gi|Mi)?$")
 
 
-def check_pod_spec(pod: dict, nodes: int, gpus: int, target: str):
+def check_pod_spec(pod: dict, nodes: int, gpus: int, target: str, program: list[str]):
     """What both operators need of the pod template, and what a relaunch needs of the container."""
     assert pod["terminationGracePeriodSeconds"] > 30, "the launcher gives its workers 30 s after SIGTERM"
     (main_container,) = pod["containers"]
@@ -115,10 +137,8 @@ def check_pod_spec(pod: dict, nodes: int, gpus: int, target: str):
     assert supervised[:3] == ["python", "-m", "paddle.distributed.launch"]
     launch = dict(zip(supervised, supervised[1:]))
     assert launch["--nproc_per_node"] == str(workers) and launch["--job_id"] == "ner-test"
-    assert launch["--config"] == CONFIG
-    assert supervised[supervised.index("train_dist.py") + 3:] == [
-        f"checkpoint_dir={SHARED}/checkpoints/ner-test", "epochs=2", "learning_rate=1e-4", "save_interval=100",
-        *(["use_gpu=true"] if gpus else [])]
+    assert supervised[supervised.index(program[0]):] == program
+    assert "--workers" not in supervised
     if target == "k8s-paddle":
         assert launch["--rank"] == "${PADDLE_TRAINER_ID}" and launch["--nnodes"] == "${PADDLE_TRAINERS_NUM}"
     else:
@@ -131,10 +151,12 @@ def check_pod_spec(pod: dict, nodes: int, gpus: int, target: str):
     return main_container, script
 
 
+@pytest.mark.parametrize("kind", ["train", "predict"])
 @pytest.mark.parametrize("nodes", [1, 4])
 @pytest.mark.parametrize("gpus", [0, 8])
-def test_kubeflow_manifest_against_the_operator_schema(gpus, nodes, tmp_path):
-    manifest = yaml.safe_load(render(spec("k8s-kubeflow", nodes=nodes, gpus=gpus)))
+def test_kubeflow_manifest_against_the_operator_schema(gpus, nodes, kind, tmp_path):
+    rendered, program = job_of_kind(kind, "k8s-kubeflow", nodes, gpus)
+    manifest = yaml.safe_load(render(rendered))
     assert set(manifest) == {"apiVersion", "kind", "metadata", "spec"}
     assert (manifest["apiVersion"], manifest["kind"], manifest["metadata"]["name"]) == (
         "kubeflow.org/v1", "PaddleJob", "ner-test")
@@ -147,17 +169,19 @@ def test_kubeflow_manifest_against_the_operator_schema(gpus, nodes, tmp_path):
     worker = manifest["spec"]["paddleReplicaSpecs"]["Worker"]
     assert set(worker) == KUBEFLOW_REPLICA and worker["replicas"] == nodes
     assert worker["restartPolicy"] == "ExitCode" and worker["restartPolicy"] in KUBEFLOW_RESTART_POLICIES
-    main_container, script = check_pod_spec(worker["template"]["spec"], nodes, gpus, "k8s-kubeflow")
+    main_container, script = check_pod_spec(worker["template"]["spec"], nodes, gpus, "k8s-kubeflow", program)
     # The operator takes PADDLE_MASTER's port from the port named "master" of the container named "paddle".
     assert main_container["ports"] == [{"name": "master", "containerPort": KUBEFLOW_PORT}] and KUBEFLOW_PORT == 36543
     (tmp_path / "command.sh").write_text(script)
     bash_syntax_ok(tmp_path / "command.sh")
 
 
+@pytest.mark.parametrize("kind", ["train", "predict"])
 @pytest.mark.parametrize("nodes", [1, 4])
 @pytest.mark.parametrize("gpus", [0, 8])
-def test_paddle_operator_manifest_against_the_operator_schema(gpus, nodes, tmp_path):
-    manifest = yaml.safe_load(render(spec("k8s-paddle", nodes=nodes, gpus=gpus)))
+def test_paddle_operator_manifest_against_the_operator_schema(gpus, nodes, kind, tmp_path):
+    rendered, program = job_of_kind(kind, "k8s-paddle", nodes, gpus)
+    manifest = yaml.safe_load(render(rendered))
     assert set(manifest) == {"apiVersion", "kind", "metadata", "spec"}
     assert (manifest["apiVersion"], manifest["kind"], manifest["metadata"]["name"]) == (
         "batch.paddlepaddle.org/v1", "PaddleJob", "ner-test")
@@ -170,7 +194,7 @@ def test_paddle_operator_manifest_against_the_operator_schema(gpus, nodes, tmp_p
     pod = worker["template"]["spec"]
     # Never: exit 2 or 3 fails the pod, and so the job, instead of restarting forever (OnFailure).
     assert pod["restartPolicy"] == "Never" and pod["activeDeadlineSeconds"] == 72 * 3600
-    main_container, script = check_pod_spec(pod, nodes, gpus, "k8s-paddle")
+    main_container, script = check_pod_spec(pod, nodes, gpus, "k8s-paddle", program)
     assert "ports" not in main_container  # the operator's PADDLE_PORT (36000) and the launcher's own ports
     (tmp_path / "command.sh").write_text(script)
     bash_syntax_ok(tmp_path / "command.sh")
@@ -204,6 +228,24 @@ def test_multinode_sh_builds_the_launcher_command(tmp_path):
     assert pairs["--master"] == "127.0.0.1:12345" and pairs["--nnodes"] == "2" and pairs["--rank"] == "1"
     assert pairs["--nproc_per_node"] == "1" and pairs["--log_dir"] == "log/node-1"
     assert args[-4:] == ["train_dist.py", "--config", CONFIG, "max_steps=3"]
+
+
+@pytest.mark.parametrize("gpus, device", [("", "cpu"), ("0,1", "gpu")])
+def test_multinode_sh_runs_predict_py_with_its_flags_when_task_is_predict(gpus, device, tmp_path):
+    """TASK=predict: no CONFIG needed, the arguments are predict.py's flags, and the device follows the workers."""
+    fake = tmp_path / "python"
+    # `-m pipeline.device` is the GPU check before --gpus: it passes here; the launcher prints its arguments.
+    fake.write_text('#!/usr/bin/env bash\n[ "$2" = pipeline.device ] && exit 0\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "12345",
+           "NNODES": "2", "NODE_RANK": "0", "TASK": "predict", "GPUS": gpus}
+    flags = ["--checkpoint", "ckpt/best_model", "--input", "in put.txt", "--output", "out.jsonl"]
+    result = subprocess.run(["bash", str(ROOT / "launch" / "multinode.sh"), *flags], env=env,
+                            capture_output=True, text=True, check=True)
+    args = result.stdout.splitlines()
+    assert args[:2] == ["-m", "paddle.distributed.launch"] and "train_dist.py" not in args
+    assert args[args.index("predict.py"):] == ["predict.py", "--device", device, *flags]
+    assert (("--gpus", "0,1") if gpus else ("--nproc_per_node", "1")) in set(zip(args, args[1:]))
 
 
 @pytest.mark.parametrize("values, message", [
@@ -342,6 +384,149 @@ def test_values_with_spaces_and_quotes_are_quoted_for_the_shell(target, tmp_path
 @pytest.mark.parametrize("target", list(TEMPLATES))
 def test_every_rendered_script_passes_bash_n(target, gpus, nodes, tmp_path):
     text = render(spec(target, nodes=nodes, gpus=gpus))
+    if target in ("k8s-paddle", "k8s-kubeflow"):
+        text = container(yaml.safe_load(text), target)[1]["command"][-1]
+    (tmp_path / "job.sh").write_text(text)
+    bash_syntax_ok(tmp_path / "job.sh")
+
+
+# Prediction jobs: `python -m pipeline.submit predict ... -- PREDICT.PY FLAGS`.
+
+@pytest.mark.parametrize("target", list(TEMPLATES))
+def test_every_target_renders_a_prediction_job_to_a_file(target, tmp_path, capsys):
+    output = tmp_path / "job.out"
+    assert main(["predict", "--target", target, "--nodes", "2", "--gpus-per-node", "1", "--image", "img:1",
+                 "--shared-dir", SHARED, "--output", str(output), "--", *PREDICT_FLAGS]) == 0
+    assert f"wrote {output} (prediction on {target}, 2 node(s), 1 GPU(s) each)" in capsys.readouterr().err
+    text = output.read_text()
+    assert "@@" not in text, "a placeholder was left unfilled"
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "train_dist.py" not in code and "--config" not in code
+    assert "--workers" not in text and " ".join(PREDICT_FLAGS) in text
+    if target in ("k8s-paddle", "k8s-kubeflow"):
+        assert "predict.py " + " ".join(PREDICT_FLAGS) + " --device gpu" in text
+    else:
+        assert "export TASK=predict" in text  # launch/multinode.sh adds predict.py and --device on the node
+
+
+@pytest.mark.parametrize("gpus", [0, 8])
+def test_slurm_prediction_script(gpus, tmp_path):
+    path = tmp_path / "job.sbatch"
+    path.write_text(render(predict_spec("slurm", nodes=2, gpus=gpus)))
+    bash_syntax_ok(path)
+    text = path.read_text()
+    directives = dict(line.split()[1].lstrip("-").partition("=")[::2] for line in text.splitlines()
+                      if line.startswith("#SBATCH"))
+    assert directives["nodes"] == "2" and directives.get("gpus-per-node") == (str(gpus) if gpus else None)
+    assert "requeue" in directives and "signal" not in directives  # predict.py has no graceful stop on SIGUSR1
+    assert f"ARGS=({' '.join(PREDICT_FLAGS)})" in text and "export TASK=predict" in text
+    assert "export CONFIG" not in text and "launch/multinode.sh" in text
+    assert "it continues the output after its last complete chunk" in text
+
+
+def test_multinode_prediction_wrapper_runs_multinode_sh_through_supervise(tmp_path):
+    path = tmp_path / "job.sh"
+    path.write_text(render(predict_spec("multinode", nodes=2, gpus=0, shared_dir=None, max_restarts=5,
+                                        restart_delay=7)))
+    bash_syntax_ok(path)
+    text = path.read_text()
+    assert "export TASK=predict" in text and "export NNODES=2" in text and "export CONFIG" not in text
+    assert "MAX_RESTARTS=${MAX_RESTARTS:-5} RESTART_DELAY=${RESTART_DELAY:-7}" in text
+    assert (f'exec bash "${{NERPIPE_ROOT:-.}}/launch/supervise.sh" bash "${{NERPIPE_ROOT:-.}}/launch/multinode.sh" '
+            f'{" ".join(PREDICT_FLAGS)} "$@"') in text
+    # A training wrapper stays as it was: multinode.sh runs the launcher itself.
+    assert "supervise.sh" not in render(spec("multinode", nodes=2, gpus=0, shared_dir=None))
+
+
+F = PREDICT_FLAGS  # a later flag replaces an earlier one, in predict.py as here
+
+
+@pytest.mark.parametrize("flags, values, message", [
+    ([], {}, "predict.py flags (after --): the following arguments are required: --checkpoint, --input"),
+    (["--checkpoint", "ck", "--input", "in.txt"], {}, "predict.py --output -: a prediction job reads and writes files"),
+    (F + ["--input", "-"], {}, "predict.py --input -: a prediction job reads and writes files"),
+    (F + ["--overwrite"], {}, "--overwrite after --: every relaunch of the job would start the output over; to "
+                              f"start anew, delete {SHARED}/corpus.jsonl.partial"),
+    (F + ["--workers", "2"], {}, "--workers 2 after --: a job's prediction processes are the launcher's ranks"),
+    (F + ["--device", "gpu"], {}, "--device/--use_gpu after --: a prediction job sets the device from --gpus-per-node"),
+    (F + ["--use_gpu"], {}, "--device/--use_gpu after --"),
+    (F + ["--chunk_lines", "0"], {}, "predict.py flags (after --): --chunk_lines must be >= 1"),
+    (F + ["--batch_size", "many"], {}, "argument --batch_size: invalid int value: 'many'"),
+    (F + ["--precision", "int8"], dict(gpus=2), "--precision int8 is not available on GPU"),
+    (F + ["--bogus"], {}, "predict.py flags (after --): unrecognized arguments: --bogus"),
+    (F + ["--inference_dir", "a\nb"], {}, "predict.py flag 'a\\nb' holds a control character"),
+    (F + ["--output", "/tmp/out.jsonl"], dict(target="k8s-kubeflow"),
+     f"predict.py --output /tmp/out.jsonl is /tmp/out.jsonl in the pod, not on --shared-dir {SHARED}"),
+    (F + ["--output", "../../out.jsonl"], dict(target="k8s-paddle"), "is /mnt/out.jsonl in the pod, not on --shared-dir"),
+    (F + ["--output", "out.jsonl"], dict(target="k8s-paddle", workdir="/src"), "is /src/out.jsonl in the pod"),
+    (F, dict(nodes=0), "--nodes must be between 1 and 1024, got 0"),
+    (F, dict(job_name="Bad_Name"), "--job-name 'Bad_Name' must be a Kubernetes name"),
+    (F, dict(target="k8s-paddle", image=None), "--image is required"),
+])
+def test_invalid_prediction_jobs_are_rejected(flags, values, message):
+    """The flags after -- are predict.py's, checked by its own parser; what only a job refuses is refused too."""
+    values = dict(values)
+    target = values.pop("target", "slurm")
+    with pytest.raises(SubmitError, match=re.escape(message)):
+        predict_spec(target, predict_args=flags, **values)
+
+
+def test_a_relative_prediction_output_on_the_shared_volume_is_accepted():
+    """Relative paths are the checkout's: on k8s the working directory, SHARED_DIR/nerpipe by default."""
+    flags = ["--checkpoint", "outputs/ner/best_model", "--input", "corpus.txt", "--output", "out/corpus.jsonl"]
+    for target in ("k8s-paddle", "k8s-kubeflow"):
+        text = render(predict_spec(target, predict_args=flags))
+        assert "predict.py " + " ".join(flags) + " --device gpu" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nodes", "0", "--"] + PREDICT_FLAGS, "error: --nodes must be between 1 and 1024, got 0"),
+    (["--nodes", "1", "--output", "/nonexistent/dir/job.sbatch", "--"] + PREDICT_FLAGS,
+     "error: cannot write --output /nonexistent/dir/job.sbatch: No such file or directory"),
+    (["--nodes", "1", "--", "--checkpoint", "ck"], "error: predict.py flags (after --): the following arguments are"),
+    (["--nodes", "1", "--", *PREDICT_FLAGS, "--workers", "4"], "error: --workers 4 after --"),
+])
+def test_prediction_cli_reports_errors_in_one_line(argv, message):
+    result = subprocess.run([sys.executable, "-m", "pipeline.submit", "predict", "--target", "slurm", *argv],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(message), result.stderr
+
+
+def test_prediction_cli_has_no_config_and_its_defaults_are_the_job_defaults():
+    from dataclasses import MISSING, fields
+
+    parser = build_parser(PredictionJob)
+    parsed = parser.parse_args(["--target", "slurm", "--nodes", "1", "--", *PREDICT_FLAGS])
+    assert parsed.predict_args == PREDICT_FLAGS and not hasattr(parsed, "config")
+    assert parsed.job_name == "nerpipe-predict" != build_parser().get_default("job_name")
+    for field in fields(PredictionJob):
+        if field.default is not MISSING:
+            assert getattr(parsed, field.name) == field.default, field.name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--target", "slurm", "--nodes", "1", "--config", CONFIG])
+
+
+@pytest.mark.parametrize("target", list(TEMPLATES))
+def test_prediction_paths_with_spaces_and_quotes_are_quoted_for_the_shell(target, tmp_path):
+    """An input and an output with a space, a quote and a `$` reach predict.py as written."""
+    odd_input, odd_output = f"{SHARED}/my corpus's $x.txt", f"{SHARED}/out put.jsonl"
+    flags = ["--checkpoint", "ck", "--input", odd_input, "--output", odd_output]
+    text = render(predict_spec(target, predict_args=flags))
+    if target in ("k8s-paddle", "k8s-kubeflow"):
+        text = container(yaml.safe_load(text), target)[1]["command"][-1]
+        words = shlex.split(text.replace("\\\n", " "), comments=True)
+        assert words[words.index("predict.py"):] == ["predict.py", *flags, "--device", "gpu"]
+    (tmp_path / "job.sh").write_text(text)
+    bash_syntax_ok(tmp_path / "job.sh")
+    assert shlex.quote(odd_input) in text and shlex.quote(odd_output) in text
+
+
+@pytest.mark.parametrize("nodes", [1, 4])
+@pytest.mark.parametrize("gpus", [0, 8])
+@pytest.mark.parametrize("target", list(TEMPLATES))
+def test_every_rendered_prediction_script_passes_bash_n(target, gpus, nodes, tmp_path):
+    text = render(predict_spec(target, nodes=nodes, gpus=gpus))
     if target in ("k8s-paddle", "k8s-kubeflow"):
         text = container(yaml.safe_load(text), target)[1]["command"][-1]
     (tmp_path / "job.sh").write_text(text)
