@@ -108,13 +108,19 @@ def launch_problem(args, world_size: int) -> str | None:
 def prepare_run(args):
     """Rank 0's checks before any model is loaded: the input, the output, the checkpoint, an unfinished output."""
     from pipeline.checkpoint import read_meta
+    from pipeline.static_export import is_export_dir, read_standalone_export
 
     if args.input != STDIO and not Path(args.input).is_file():
         raise ValueError(f"input file {args.input} does not exist")
     problem = output_problem(args.input, args.output)
     if problem:
         raise ValueError(problem)
-    read_meta(args.checkpoint)  # a missing or damaged checkpoint is named as such, before its fingerprint
+    # A missing or damaged checkpoint (or export directory, which serves alone) is named as such, before its
+    # fingerprint is taken.
+    if is_export_dir(args.checkpoint):
+        read_standalone_export(args.checkpoint)
+    else:
+        read_meta(args.checkpoint)
     # What changes the output lines (--batch_size, --engine, --workers and the ranks do not).
     settings = {"input_format": resolve_input_format(args.input_format, args.input),
                 "max_seq_len": args.max_seq_len, "precision": args.precision}
