@@ -239,11 +239,11 @@ def predict_on_main_process(args, run, predictor) -> int:
                               progress=progress.update)
     except WorkerDied as error:
         unfinished = (f"; {run.output.partial} is unfinished: rerun the same command to continue after line "
-                      f"{run.output.lines}") if run.output else "; the output is incomplete"
+                      f"{run.output.recorded_lines()}") if run.output else "; the output is incomplete"
         print(f"error: {error}{unfinished}", file=sys.stderr)
         return 1  # a resource failure, worth retrying (unlike 2, bad input)
     except (Interrupted, KeyboardInterrupt) as error:
-        print(f"interrupted ({error or 'SIGINT'}): {run.output.lines if run.output else '?'} line(s) done"
+        print(f"interrupted ({error or 'SIGINT'}): {run.output.recorded_lines() if run.output else '?'} line(s) done"
               + (f" in {run.output.partial}; rerun the same command to continue" if run.output else ""),
               file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(error, Interrupted) else signal.SIGINT)

@@ -267,13 +267,22 @@ class ResumableLineFile:
         self._handle.write("".join(lines).encode("utf-8"))
         self._handle.flush()
         os.fsync(self._handle.fileno())  # the lines on the disk before the record that says they are there
-        self.lines += len(lines)
-        self._bytes = self._handle.tell()
-        self._record(state)
+        lines_done, bytes_done = self.lines + len(lines), self._handle.tell()
+        self._record(state, lines_done, bytes_done)
+        self.lines, self._bytes = lines_done, bytes_done  # only once recorded: a signal mid-record changes nothing
 
-    def _record(self, state: dict) -> None:
-        write_json(self.progress, {"identity": self.identity, "lines": self.lines, "bytes": self._bytes,
-                                   "state": state})
+    def _record(self, state: dict, lines_done: int | None = None, bytes_done: int | None = None) -> None:
+        write_json(self.progress, {"identity": self.identity,
+                                   "lines": self.lines if lines_done is None else lines_done,
+                                   "bytes": self._bytes if bytes_done is None else bytes_done, "state": state})
+
+    def recorded_lines(self) -> int:
+        """The lines the record on disk says are done: what a rerun continues after, whatever this process was
+        doing when it was interrupted (the record is replaced atomically, so it is the old one or the new one)."""
+        try:
+            return int(read_json_object(self.progress, ValueError, "unreadable progress record")["lines"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return self.lines
 
     def finish(self) -> None:
         """Put the complete file under its final name (replacing any older one), then drop the record."""

@@ -164,7 +164,9 @@ def rng_digests(state_dir: Path) -> list[str]:
 
     import paddle
 
-    per_rank = paddle.load(str(state_dir / "rng.pdstate"))["paddle_per_rank"]
+    from pipeline.checkpoint import RNG_FILE, _own_rng_states_of
+
+    per_rank = _own_rng_states_of(paddle.load(str(state_dir / RNG_FILE)))
     return [hashlib.sha256(pickle.dumps(states)).hexdigest() for states in per_rank]
 
 
