@@ -75,16 +75,10 @@ KIND_ENGINES = {"predict": ("auto", None), "static": ("static", None), "onnx": (
 
 
 def read_test_labels(path: Path) -> list[list[str]]:
-    """Gold labels of the sentences ``read_test_texts`` reads, one per character."""
-    labels = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle):
-            line = line.rstrip("\n")
-            if number == 0 and line.startswith("text_a"):
-                continue
-            if line:
-                labels.append(line.split("\t", 1)[1].split("\x02"))
-    return labels
+    """Gold labels of the sentences ``read_test_texts`` reads, one per character, read as training reads them."""
+    from pipeline.readers import read_examples
+
+    return [example.labels for example in read_examples(path)[0]]
 
 
 def f1_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict:
@@ -106,16 +100,10 @@ def differing_labels(reference: list[list[str]], labels: list[list[str]]) -> dic
 
 
 def read_test_texts(path: Path) -> list[str]:
-    """Sentences of a PaddleHub-style TSV (header ``text_a\\tlabel``, characters joined by \\x02)."""
-    texts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle):
-            line = line.rstrip("\n")
-            if number == 0 and line.startswith("text_a"):
-                continue
-            if line:
-                texts.append("".join(line.split("\t", 1)[0].split("\x02")))
-    return texts
+    """Sentences of a labelled file (PaddleHub-style TSV, CoNLL or JSONL), read by the project's own reader."""
+    from pipeline.readers import read_examples
+
+    return ["".join(example.tokens) for example in read_examples(path)[0]]
 
 
 def naive_indices(total: int, wanted: int) -> list[int]:
