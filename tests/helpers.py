@@ -311,3 +311,21 @@ def assert_test_metrics_match_seqeval(out_dir: Path, test_file: Path):
     assert [r["gold"] for r in records] == [e.labels for e in examples]
     reported = json.loads((out_dir / "test_metrics.json").read_text())["test"]
     assert_matches_seqeval(reported, [r["gold"] for r in records], [r["predicted"] for r in records])
+
+
+# Texts every prediction engine must label alike: empty and blank lines, mixed scripts and emoji, an
+# ideographic space, a text of several windows at max_seq_len=32, control characters, one character.
+ENGINE_TEXTS = [
+    "张三在北京工作。",
+    "",
+    "   ",
+    "NASA 2022年访问nasa😀",
+    "李四\u3000去上海，王小明在清华大学读书",
+    "新华社北京5月7日电" * 30,          # 300 characters: several windows at max_seq_len=32
+    "控制\x01字符\x7f",
+    "王",
+]
+
+
+def labels_of(predictor, texts=ENGINE_TEXTS):
+    return [r["labels"] for r in predictor.predict(texts)]

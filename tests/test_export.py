@@ -10,7 +10,7 @@ import warnings
 import paddle
 import pytest
 
-from helpers import ROOT
+from helpers import ENGINE_TEXTS as TEXTS, ROOT, labels_of
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import TrainConfig
 from pipeline.engines import StaticEngine
@@ -18,17 +18,6 @@ from pipeline.export import main as export_main
 from pipeline.labels import MSRA_LABELS, to_bio
 from pipeline.predictor import Predictor, StaticModelWarning
 from pipeline.static_export import EXPORT_META_FILE, export_inference_model, model_files
-
-TEXTS = [
-    "张三在北京工作。",
-    "",
-    "   ",
-    "NASA 2022年访问nasa😀",
-    "李四\u3000去上海，王小明在清华大学读书",
-    "新华社北京5月7日电" * 30,          # 300 characters: several windows at max_seq_len=32
-    "控制\x01字符\x7f",
-    "王",
-]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +42,6 @@ def checkpoint_dir(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def exported(checkpoint_dir):
     return export_inference_model(checkpoint_dir, checkpoint_dir / "inference")
-
-
-def labels_of(predictor, texts=TEXTS):
-    return [r["labels"] for r in predictor.predict(texts)]
 
 
 def test_export_writes_model_and_digest(checkpoint_dir, exported):

@@ -11,7 +11,7 @@ import numpy as np
 import paddle
 import pytest
 
-from helpers import ROOT, make_trainer
+from helpers import ENGINE_TEXTS as TEXTS, ROOT, labels_of, make_trainer
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import TrainConfig
 from pipeline.export import main as export_main
@@ -32,21 +32,6 @@ def onnxruntime_installed() -> bool:
 needs_onnxruntime = pytest.mark.skipif(
     not onnxruntime_installed(),
     reason="onnxruntime is not installed (optional: NERPIPE_ONNX=1 bash scripts/setup.sh; .ci/run installs it)")
-
-TEXTS = [
-    "张三在北京工作。",
-    "",
-    "   ",
-    "NASA 2022年访问nasa😀",
-    "李四\u3000去上海，王小明在清华大学读书",
-    "新华社北京5月7日电" * 30,          # 300 characters: several windows at max_seq_len=32
-    "控制\x01字符\x7f",
-    "王",
-]
-
-
-def labels_of(predictor, texts=TEXTS):
-    return [r["labels"] for r in predictor.predict(texts)]
 
 
 def onnx_export(checkpoint_dir, *extra) -> int:
