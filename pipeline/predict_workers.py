@@ -41,6 +41,13 @@ def _predict_shard(predictor_options: dict, texts: list[str]) -> tuple[str, list
     """Load the predictor on first use (errors reach the caller as exceptions), then predict."""
     global _predictor
     if _predictor is None:
+        import paddle
+
+        # Paddle's C++ handler for SIGTERM prints a stack trace, which allocates: arriving in the middle
+        # of a malloc (a worker allocates all the time) it can deadlock, and the executor, which
+        # SIGTERMs the survivors once one worker has died, then waits for them forever. A worker has no
+        # state worth a trace: let SIGTERM end it at once.
+        paddle.disable_signal_handler()
         from .predictor import Predictor
 
         _predictor = Predictor.from_checkpoint(**predictor_options)
@@ -127,10 +134,16 @@ class ParallelPredictor:
 
     def _death_report(self) -> str:
         # The executor terminates the survivors (SIGTERM) once one has died: the others are the cause.
+        # One that outlives the SIGTERM is killed: the executor's thread joins every worker, and
+        # close() and the interpreter's exit join that thread, so one survivor would hang the run.
         for process in self._processes.values():
             process.join(timeout=5)
         ended = {pid: process.exitcode for pid, process in self._processes.items()}
-        culprits = {pid: code for pid, code in ended.items() if code != -signal.SIGTERM} or ended
+        for process in self._processes.values():
+            if process.exitcode is None:
+                process.kill()
+                process.join(timeout=5)
+        culprits = {pid: code for pid, code in ended.items() if code not in (-signal.SIGTERM, None)} or ended
         named = ", ".join(f"pid {pid} ({_how_it_ended(code)})" for pid, code in sorted(culprits.items()))
         return (f"a prediction worker process died while predicting: {named or 'unknown pid'}; "
                 f"out of memory? Try fewer --workers or a smaller --batch_size")

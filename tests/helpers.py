@@ -329,3 +329,16 @@ ENGINE_TEXTS = [
 
 def labels_of(predictor, texts=ENGINE_TEXTS):
     return [r["labels"] for r in predictor.predict(texts)]
+
+
+def stubborn_or_killed(role: int) -> None:
+    """A prediction worker's task for the pool tests: role 0 outlives SIGTERM, role 1 dies of SIGKILL."""
+    import signal
+    import time
+
+    if role == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a worker stuck in a signal handler would
+        time.sleep(120)
+    else:
+        time.sleep(3)  # the other worker has its task and ignores SIGTERM by now
+        os.kill(os.getpid(), signal.SIGKILL)

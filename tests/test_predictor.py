@@ -480,3 +480,33 @@ def test_a_killed_prediction_worker_fails_the_run_within_seconds_naming_it(check
     # What was written is a prefix, not all, and stays unfinished: the same command continues it.
     assert not out.exists() and len(partial.read_text(encoding="utf-8").splitlines()) < 40_000
     assert "rerun the same command to continue after line" in err, err
+
+
+def test_a_worker_that_outlives_sigterm_does_not_hang_the_pool_once_another_has_died(tmp_path):
+    """The executor SIGTERMs the survivors of a dead worker and joins them: one that ignores it is killed."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT, clean_env
+
+    script = tmp_path / "pool.py"
+    script.write_text(  # a file with a main guard: spawned workers import the main module
+        "import time\n"
+        "import helpers\n"
+        "from pipeline.predict_workers import ParallelPredictor, WorkerDied\n"
+        "if __name__ == '__main__':\n"
+        "    start = time.monotonic()\n"
+        "    try:\n"
+        "        with ParallelPredictor(2) as pool:\n"
+        "            pool._run(helpers.stubborn_or_killed, [0, 1])\n"
+        "    except WorkerDied as error:\n"
+        "        print(f'{time.monotonic() - start:.1f} {error}')\n", encoding="utf-8")
+    env = clean_env()
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
+    # Before the fix this never returned: the timeout is the test's failure, not its expectation.
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    seconds, _, message = done.stdout.strip().partition(" ")
+    assert float(seconds) < 30, done.stdout
+    assert "(killed by SIGKILL)" in message and message.count("pid ") == 1, message
