@@ -19,7 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from .cpu_env import THREAD_VARIABLES, apply_cpu_settings, usable_cores
@@ -128,6 +128,16 @@ class ParallelPredictor:
             # The executor's own process table (private, but the only record of each exit code);
             # taken while the workers live, because a broken executor forgets its processes.
             self._processes.update(getattr(self._pool, "_processes", None) or {})
+            pending = set(futures)
+            while pending:
+                _, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+                if any(future.done() and future.exception() for future in futures):
+                    break
+                # Python 3.11's executor watches only the workers it knew when it last woke up: one it
+                # spawned on the last submit can die unnoticed while the others are busy. Workers never
+                # exit while tasks are pending, so an ended one is a death, whoever noticed it.
+                if pending and any(process.exitcode is not None for process in self._processes.values()):
+                    raise WorkerDied(self._death_report())
             return [future.result() for future in futures]
         except BrokenProcessPool:
             raise WorkerDied(self._death_report()) from None
