@@ -130,8 +130,8 @@ class ParallelPredictor:
             self._processes.update(getattr(self._pool, "_processes", None) or {})
             pending = set(futures)
             while pending:
-                _, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
-                if any(future.done() and future.exception() for future in futures):
+                done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+                if any(future.exception() for future in done):  # the earlier ones all succeeded
                     break
                 # Python 3.11's executor watches only the workers it knew when it last woke up: one it
                 # spawned on the last submit can die unnoticed while the others are busy. Workers never
@@ -143,8 +143,9 @@ class ParallelPredictor:
             raise WorkerDied(self._death_report()) from None
 
     def _death_report(self) -> str:
-        # The executor terminates the survivors (SIGTERM) once one has died: the others are the cause.
-        # One that outlives the SIGTERM is killed: the executor's thread joins every worker, and
+        # When the executor noticed the death it has SIGTERMed the survivors: the others are the cause.
+        # A worker still running 5 s on (it outlived that SIGTERM, or the death was noticed by _run, not
+        # the executor) is killed and never named: the executor's thread joins every worker, and
         # close() and the interpreter's exit join that thread, so one survivor would hang the run.
         for process in self._processes.values():
             process.join(timeout=5)
