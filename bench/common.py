@@ -6,6 +6,7 @@ Nothing here imports Paddle: benchmark children set the CPU thread variables
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import resource
@@ -97,6 +98,29 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def script_processes(root_pid: int, script: str) -> list[int]:
+    """Processes under root_pid (itself included) running ``script`` but not the launcher, sorted by pid:
+    the workers of a job, whether it runs under paddle.distributed.launch or plainly."""
+    try:
+        root = psutil.Process(root_pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:  # the job has just ended
+        return []
+    found = []
+    for process in processes:
+        try:
+            line = " ".join(process.cmdline())
+        except psutil.Error:  # gone, or no longer ours to read
+            continue
+        if script in line and "paddle.distributed.launch" not in line:
+            found.append(process.pid)
+    return sorted(found)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def summary(values) -> dict | None:

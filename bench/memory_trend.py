@@ -50,22 +50,9 @@ def rss_mib(pid: int) -> float | None:
         return None
 
 
-def _cmdline(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
-
-
 def training_workers(root_pid: int) -> list[int]:
     """Processes under root_pid (itself included) that run train_dist.py, sorted by pid."""
-    try:
-        root = psutil.Process(root_pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:  # the job has just ended
-        return []
-    return sorted(p.pid for p in processes
-                  if "train_dist.py" in _cmdline(p) and "paddle.distributed.launch" not in _cmdline(p))
+    return common.script_processes(root_pid, "train_dist.py")
 
 
 def last_logged_step(train_log: Path) -> int:

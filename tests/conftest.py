@@ -27,3 +27,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_dataset_dir(tmp_path_factory) -> Path:
     """train/dev/test.tsv of synthetic sentences (seeded)."""
     return write_synthetic_splits(tmp_path_factory.mktemp("tiny_data"), {"train": 96, "dev": 24, "test": 24})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """An untrained (seeded) checkpoint of the tiny BERT with MSRA's labels, as training saves best_model/."""
+    import paddle
+    from paddlenlp.transformers import BertTokenizer
+
+    from pipeline.checkpoint import save_model_checkpoint
+    from pipeline.config import TrainConfig
+    from pipeline.labels import MSRA_LABELS
+    from pipeline.models import build_token_classifier, resolve_model
+
+    paddle.seed(1)
+    model = build_token_classifier(resolve_model(str(tiny_model_dir)), MSRA_LABELS)
+    directory = tmp_path_factory.mktemp("ckpt") / "best_model"
+    save_model_checkpoint(directory, model, BertTokenizer.from_pretrained(str(tiny_model_dir)),
+                          TrainConfig(model=str(tiny_model_dir), max_seq_len=32), MSRA_LABELS, metrics={})
+    return directory

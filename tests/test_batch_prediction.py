@@ -14,11 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import paddle
 import pytest
 
 from helpers import FILLER, PEOPLE, PLACES, ROOT, clean_env
-from pipeline.labels import MSRA_LABELS
 
 SUMMARY = re.compile(r"wrote (\d+) line\(s\) -> (\S+) \((\d+) predicted, (\d+) rejected, (\d+) entities\); "
                      r"this run: (\d+) sentence\(s\) in ([\d.]+) s, ([\d.]+) sentences/s(, continued after line "
@@ -28,19 +26,8 @@ LINES = 1500
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory, tiny_model_dir):
-    from paddlenlp.transformers import BertTokenizer
-
-    from pipeline.checkpoint import save_model_checkpoint
-    from pipeline.config import TrainConfig
-    from pipeline.models import build_token_classifier, resolve_model
-
-    paddle.seed(1)
-    model = build_token_classifier(resolve_model(str(tiny_model_dir)), MSRA_LABELS)
-    directory = tmp_path_factory.mktemp("ckpt") / "best_model"
-    save_model_checkpoint(directory, model, BertTokenizer.from_pretrained(str(tiny_model_dir)),
-                          TrainConfig(model=str(tiny_model_dir), max_seq_len=32), MSRA_LABELS, metrics={})
-    return directory
+def checkpoint_dir(tiny_checkpoint_dir):
+    return tiny_checkpoint_dir
 
 
 def corpus_bytes(lines: int, seed: int = 5) -> bytes:

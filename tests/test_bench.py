@@ -4,6 +4,7 @@ children on the tiny model), the GEMM libraries' child processes; op_costs and s
 `python -m bench.X`."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from bench import memory_trend, predict_throughput
+from bench import memory_trend, predict_launch, predict_throughput
 from helpers import ROOT
 
 
@@ -111,6 +112,49 @@ def test_prediction_bench_scores_and_counts_label_differences(tmp_path):
     changed = sum(label != "O" for label in gold[with_entities[0]])
     assert predict_throughput.differing_labels(gold, predicted) == {
         "sentences": 1, "characters": changed, "of_characters": sum(map(len, gold))}
+
+
+@pytest.mark.slow
+def test_prediction_launch_bench_runs_one_process_and_two_ranks_and_compares_their_outputs(
+        tiny_checkpoint_dir, tmp_path):
+    from helpers import write_synthetic_splits
+
+    test_file = write_synthetic_splits(tmp_path, {"test": 30}, seed=4) / "test.tsv"
+    figures = tmp_path / "launch.json"
+    done = subprocess.run([sys.executable, "-m", "bench.predict_launch", "--checkpoint", str(tiny_checkpoint_dir),
+                           "--test_file", str(test_file), "--lines", "40,80", "--repeats", "2",
+                           "--modes", "single,launch2", "--json", str(figures)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "launch2 / single:" in done.stdout and "outputs differing from one process's: 0" in done.stdout
+    report = json.loads(figures.read_text(encoding="utf-8"))
+    for size in ("40", "80"):
+        # Two repeats: the second launch of each size reads its own rank-0 log, not one appended to the first's.
+        runs = report["results"][size]["single"] + report["results"][size]["launch2"]
+        assert [r["mode"] for r in runs] == ["single", "single", "launch2", "launch2"]
+        assert all(r["sentences"] == int(size) for r in runs)  # 40 lines cycle the 30 sentences
+        assert [len(r["peak_rss_mib_per_process"]) for r in runs] == [1, 1, 2, 2]
+        assert min(rss for r in runs for rss in r["peak_rss_mib_per_process"]) > 50
+        assert len({r["output_sha256"] for r in runs}) == 1
+    assert report["differing_outputs"] == 0
+
+
+def test_prediction_launch_bench_counts_an_output_that_differs(monkeypatch, tmp_path):
+    from helpers import write_synthetic_splits
+
+    test_file = write_synthetic_splits(tmp_path, {"test": 5}, seed=4) / "test.tsv"
+
+    def fake_run(mode, checkpoint, source, work):
+        output = work / f"{mode}.jsonl"
+        output.write_bytes(b"same\n" if mode != "launch2" else b"other\n")
+        return {"mode": mode, "wall_seconds": 1.0, "sentences": 5, "predict_seconds": 0.5,
+                "sentences_per_second": 10.0, "peak_rss_mib_per_process": [100.0], "output": str(output)}
+
+    monkeypatch.setattr(predict_launch, "run", fake_run)
+    args = predict_launch.parse_args(["--test_file", str(test_file), "--repeats", "2"])
+    results, differing = predict_launch.measure(args, [5])
+    assert differing == 2  # both launch2 runs, neither single nor launch1
+    assert "outputs differing from one process's: 2" in predict_launch.report(results, differing)
 
 
 # ---------------------------------------------------------------- train_throughput: batches, comparison, floor
