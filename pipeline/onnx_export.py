@@ -122,7 +122,7 @@ def _check(model_file: Path, bundle, precision: str) -> dict:
             "largest_logit": float(np.abs(expected).max()), "same_argmax_share": same_argmax}
 
 
-def export_onnx_model(checkpoint_dir, output_dir, quantize: str | None = None, per_channel: bool = False) -> Path:
+def export_onnx_model(checkpoint_dir, output_dir, quantize: str | None = None, per_channel: bool = True) -> Path:
     """Write ``model.onnx`` (float32, or int8 with ``quantize='int8'``), ``export.json`` and the serving files for
     ``checkpoint_dir`` into ``output_dir``, atomically; return it."""
     import onnx

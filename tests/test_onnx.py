@@ -85,6 +85,7 @@ def test_int8_export_quantises_the_matmuls_and_runs(checkpoint_dir):
     meta = json.loads((checkpoint_dir / "onnx_int8" / EXPORT_META_FILE).read_text())
     # 2 layers x (Q, K, V, output, FFN in, FFN out) + the classifier; the attention products stay float.
     assert meta["precision"] == "int8" and meta["quantization"]["quantized_matmuls"] == 13
+    assert meta["quantization"]["per_channel"] is True  # the default: one scale per output column
     operators = [node.op_type for node in onnx.load(str(checkpoint_dir / "onnx_int8" / ONNX_MODEL_FILE)).graph.node]
     assert operators.count("MatMulInteger") == 13
     int8 = Predictor.from_checkpoint(checkpoint_dir, precision="int8")  # --engine auto: the engine that has int8
@@ -97,6 +98,16 @@ def test_int8_export_quantises_the_matmuls_and_runs(checkpoint_dir):
     fp32_logits = Predictor.from_checkpoint(checkpoint_dir, engine="onnx").labeller.engine.logits(ids)
     difference = np.abs(int8.labeller.engine.logits(ids) - fp32_logits).max()
     assert 0 < difference < 0.1 * np.abs(fp32_logits).max()
+
+
+@needs_onnxruntime
+def test_per_tensor_int8_export_is_recorded_and_quantises_the_same_matmuls(checkpoint_dir, tmp_path):
+    assert onnx_export(checkpoint_dir, "--quantize", "int8", "--per_tensor", "--output", str(tmp_path / "pt")) == 0
+    meta = json.loads((tmp_path / "pt" / EXPORT_META_FILE).read_text())
+    assert meta["quantization"]["per_channel"] is False and meta["quantization"]["quantized_matmuls"] == 13
+    per_channel = json.loads((checkpoint_dir / "onnx_int8" / EXPORT_META_FILE).read_text())
+    # One scale per weight against one per output column: the quantised logits differ.
+    assert meta["check"]["max_abs_logit_difference"] != per_channel["check"]["max_abs_logit_difference"]
 
 
 @needs_onnxruntime
@@ -192,6 +203,9 @@ def test_an_export_written_before_exports_carried_their_tokenizer_needs_its_chec
     (["--quantize", "int8"], "--quantize int8 needs --format onnx"),
     (["--format", "onnx", "--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
     (["--format", "onnx", "--per_channel"], "--per_channel is an option of --quantize int8"),
+    (["--format", "onnx", "--per_tensor"], "--per_tensor is an option of --quantize int8"),
+    (["--format", "onnx", "--quantize", "int8", "--per_tensor", "--per_channel"],
+     "--per_channel and --per_tensor exclude each other"),
 ])
 def test_export_cli_bad_flags_are_one_line_errors(argv, message, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(tmp_path), *argv],
