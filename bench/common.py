@@ -6,7 +6,6 @@ Nothing here imports Paddle: benchmark children set the CPU thread variables
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import platform
 import resource
@@ -88,15 +87,18 @@ def command_line() -> str:
     return " ".join(shlex.quote(part) for part in [sys.executable, *sys.argv])
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (VmHWM, else ru_maxrss)."""
+def peak_rss_mib(pid: int | None = None) -> float | None:
+    """Peak resident set size so far, MiB (VmHWM): of this process (else ru_maxrss), or of process ``pid``
+    (None once it is gone)."""
     try:
-        with open("/proc/self/status", encoding="utf-8") as status:
+        with open(f"/proc/{pid or 'self'}/status", encoding="utf-8") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    if pid is not None:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -117,10 +119,6 @@ def script_processes(root_pid: int, script: str) -> list[int]:
         if script in line and "paddle.distributed.launch" not in line:
             found.append(process.pid)
     return sorted(found)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def summary(values) -> dict | None:

@@ -32,6 +32,8 @@ from itertools import cycle, islice
 from pathlib import Path
 
 from bench import common
+from bench.predict_throughput import read_test_texts  # the project's reader; imports no Paddle
+from pipeline.files import sha256_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEST_FILE = "~/.cache/nerpipe/data/msra_ner/test.tsv"
@@ -43,10 +45,7 @@ SPEED = re.compile(r"this run: (\d+) sentence\(s\) in ([\d.]+) s, ([\d.]+) sente
 
 def corpus_lines(test_file: Path, lines: int) -> list[str]:
     """``lines`` sentences of the test file, cycled from its first one."""
-    from pipeline.readers import read_examples
-
-    texts = ["".join(example.tokens) for example in read_examples(test_file)[0]]
-    return list(islice(cycle(texts), lines))
+    return list(islice(cycle(read_test_texts(test_file)), lines))
 
 
 def command(mode: str, checkpoint: str, source: Path, output: Path, log_dir: Path) -> list[str]:
@@ -57,18 +56,6 @@ def command(mode: str, checkpoint: str, source: Path, output: Path, log_dir: Pat
     ranks = {"launch1": "1", "launch2": "2"}[mode]
     return [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", ranks, "--log_dir",
             str(log_dir), *predict]
-
-
-def peak_rss_of(pid: int) -> float | None:
-    """VmHWM (peak resident set so far) of a live process, MiB; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def run(mode: str, checkpoint: str, source: Path, work: Path, interval: float = 0.2) -> dict:
@@ -87,7 +74,7 @@ def run(mode: str, checkpoint: str, source: Path, work: Path, interval: float = 
         peaks: dict[int, float] = {}
         while job.poll() is None:
             for pid in common.script_processes(job.pid, "predict.py"):
-                rss = peak_rss_of(pid)
+                rss = common.peak_rss_mib(pid)
                 if rss is not None:
                     peaks[pid] = max(rss, peaks.get(pid, 0.0))
             time.sleep(interval)
@@ -117,22 +104,17 @@ def measure(args, sizes: list[int]) -> tuple[dict, int]:
             source = work / "corpus.txt"
             source.write_text("\n".join(corpus_lines(test_file, size)) + "\n", encoding="utf-8")
             results[size] = {mode: [] for mode in args.modes}
-            reference = None
             for repeat in range(args.repeats):
                 shift = repeat % len(args.modes)
                 for mode in args.modes[shift:] + args.modes[:shift]:
                     result = run(mode, args.checkpoint, source, work)
-                    written = Path(result.pop("output")).read_bytes()
-                    if mode == "single" and reference is None:
-                        reference = written
-                    result["output_sha256"] = common.sha256_hex(written)
+                    result["output_sha256"] = sha256_of(result.pop("output"))
                     results[size][mode].append(result)
                     print(f"  {size} lines, repeat {repeat + 1}/{args.repeats} {mode:<8} "
                           f"{result['wall_seconds']:6.1f} s wall, {result['sentences_per_second']:6.1f} sent/s "
                           f"predicting, peak RSS {result['peak_rss_mib_per_process']} MiB", flush=True)
-            # Every output of every mode against single's first (or, without single, the first run's).
-            digests = {r["output_sha256"] for runs in results[size].values() for r in runs}
-            expected = common.sha256_hex(reference) if reference is not None else next(iter(digests))
+            # Every output of every mode against single's first (or, without single, the first mode's).
+            expected = results[size].get("single", results[size][args.modes[0]])[0]["output_sha256"]
             differing += sum(r["output_sha256"] != expected for runs in results[size].values() for r in runs)
     return results, differing
 
