@@ -104,21 +104,26 @@ def peak_rss_mib(pid: int | None = None) -> float | None:
 
 def script_processes(root_pid: int, script: str) -> list[int]:
     """Processes under root_pid (itself included) running ``script`` but not the launcher, sorted by pid:
-    the workers of a job, whether it runs under paddle.distributed.launch or plainly."""
+    the workers of a job, whether it runs under paddle.distributed.launch or plainly.
+
+    A process whose parent also runs ``script`` is not a worker: a worker's forked child (a
+    subprocess between fork and exec, a multiprocessing helper) carries its parent's command line
+    for a moment, and counting it would report a third worker of a two-rank job."""
     try:
         root = psutil.Process(root_pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.Error:  # the job has just ended
         return []
-    found = []
+    found = {}
     for process in processes:
         try:
             line = " ".join(process.cmdline())
+            parent = process.ppid()
         except psutil.Error:  # gone, or no longer ours to read
             continue
         if script in line and "paddle.distributed.launch" not in line:
-            found.append(process.pid)
-    return sorted(found)
+            found[process.pid] = parent
+    return sorted(pid for pid, parent in found.items() if parent not in found)
 
 
 def summary(values) -> dict | None:
