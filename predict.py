@@ -111,7 +111,8 @@ def prepare_run(args):
     from pipeline.static_export import is_export_dir, read_standalone_export
 
     if args.input != STDIO and not Path(args.input).is_file():
-        raise ValueError(f"input file {args.input} does not exist")
+        what = "is a directory, not a file" if Path(args.input).is_dir() else "does not exist"
+        raise ValueError(f"input file {args.input} {what}")
     problem = output_problem(args.input, args.output)
     if problem:
         raise ValueError(problem)

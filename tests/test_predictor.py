@@ -183,6 +183,8 @@ def test_predict_cli_errors(checkpoint_dir, tmp_path, monkeypatch, capsys):
     assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(tmp_path / "absent.txt")],
                            monkeypatch) == 2
     assert "absent.txt does not exist" in capsys.readouterr().err
+    assert run_predict_cli(["--checkpoint", str(checkpoint_dir), "--input", str(tmp_path)], monkeypatch) == 2
+    assert f"input file {tmp_path} is a directory, not a file" in capsys.readouterr().err
 
 
 def test_predict_cli_refuses_an_output_that_would_destroy_the_input_or_cannot_be_written(tmp_path, monkeypatch,
