@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from pipeline.device import DeviceError, add_device_arguments, prepare_process, use_gpu_of
+from pipeline.files import not_a_file
 from pipeline.prediction_io import (CHUNK_LINES, INPUT_FORMATS, STDIO, count_lines, output_problem, predict_file,
                                     prediction_identity, resolve_input_format, start_prediction)
 from pipeline.predict_workers import WorkerDied
@@ -110,9 +111,9 @@ def prepare_run(args):
     from pipeline.checkpoint import read_meta
     from pipeline.static_export import is_export_dir, read_standalone_export
 
-    if args.input != STDIO and not Path(args.input).is_file():
-        what = "is a directory, not a file" if Path(args.input).is_dir() else "does not exist"
-        raise ValueError(f"input file {args.input} {what}")
+    problem = None if args.input == STDIO else not_a_file(args.input)
+    if problem:
+        raise ValueError(f"input file {args.input} {problem}")
     problem = output_problem(args.input, args.output)
     if problem:
         raise ValueError(problem)

@@ -85,6 +85,14 @@ def read_json_object(path, error: type[Exception] = ValueError, what: str = "the
     return value
 
 
+def not_a_file(path) -> str | None:
+    """Why ``path`` cannot be read as a file ("does not exist", "is a directory, not a file"), or None."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    return "is a directory, not a file" if path.is_dir() else "does not exist"
+
+
 def sha256_of(path) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import not_a_file
 from .labels import TagError, bio_labels_for_types, entity_types, scheme_for_prefixes, split_tag, to_bio
 
 TSV_SEPARATOR = "\x02"  # PaddleHub's separator between characters (and between labels) in a TSV field
@@ -49,8 +50,9 @@ class ReadStats:
 
 def _decoded_lines(path: Path):
     """Yield ``(line_number, text)`` for each line, failing on bytes that are not UTF-8."""
-    if not path.is_file():
-        raise DataError(path, None, "file does not exist")
+    problem = not_a_file(path)
+    if problem:
+        raise DataError(path, None, f"file {problem}")
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:

@@ -74,25 +74,21 @@ def test_workers_are_found_under_the_launcher_and_their_rss_read():
 def test_a_workers_forked_child_is_not_counted_as_another_worker():
     # The worker forks a child that keeps the worker's command line (what a subprocess looks like
     # between fork and exec): that child is not a second worker.
+    import psutil
+
     from bench.common import script_processes
 
     code = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\nelse:\n    time.sleep(60)"
     worker = subprocess.Popen([sys.executable, "-c", code, "predict.py"], start_new_session=True)
     try:
         deadline = time.monotonic() + 30
-        while len(psutil_children(worker.pid)) < 1:
+        while not psutil.Process(worker.pid).children():
             assert time.monotonic() < deadline, "the forked child never showed up"
             time.sleep(0.05)
         assert script_processes(worker.pid, "predict.py") == [worker.pid]
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
-
-
-def psutil_children(pid):
-    import psutil
-
-    return psutil.Process(pid).children(recursive=True)
 
 
 def test_op_costs_times_every_kernel_including_both_linears():

@@ -64,6 +64,9 @@ def test_reader_errors_name_file_line_and_reason(tmp_path, name, content, line, 
 def test_reader_errors_for_missing_empty_and_non_utf8_files(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_examples(tmp_path / "missing.tsv")
+    (tmp_path / "folder.tsv").mkdir()
+    with pytest.raises(DataError, match="folder.tsv: file is a directory, not a file"):
+        read_examples(tmp_path / "folder.tsv")
     (tmp_path / "empty.tsv").write_text("", encoding="utf-8")
     with pytest.raises(DataError, match="no sentences"):
         read_examples(tmp_path / "empty.tsv")
