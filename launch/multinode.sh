@@ -66,6 +66,16 @@ for name in NODE_RANK GPUS_PER_NODE NPROC; do
   fi
 done
 [ "${NPROC:-1}" -ge 1 ] || fail "NPROC must be at least 1, got '$NPROC'"
+# Counts the launcher would accept and then wait on forever: no node, MIN above MAX, a rank no node count has.
+min_nodes=$((10#${NNODES%%:*})) max_nodes=$((10#${NNODES##*:}))
+[ "$min_nodes" -ge 1 ] && [ "$min_nodes" -le "$max_nodes" ] ||
+  fail "NNODES must be at least 1 (MIN:MAX with MIN <= MAX), got '$NNODES'"
+if [ -n "${NODE_RANK:-}" ] && [ "$((10#$NODE_RANK))" -ge "$max_nodes" ]; then
+  fail "NODE_RANK must be below the node count (0..$((max_nodes - 1)) for NNODES=$NNODES), got '$NODE_RANK'"
+fi
+if [ "$TASK" = train ] && [ ! -f "$CONFIG" ]; then
+  fail "CONFIG must be a YAML preset (relative to $(pwd)), got '$CONFIG': no such file"
+fi
 if [ -n "${GPUS:-}" ] && ! [[ $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]]; then
   fail "GPUS must be device ids separated by commas (e.g. 0,1), got '$GPUS'"
 fi

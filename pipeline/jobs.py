@@ -229,6 +229,15 @@ class JobSpec(ClusterJob):
         if config.resume != "auto":
             raise SubmitError(f"resume={config.resume}: a cluster job relaunches itself and must continue from "
                               "its newest training state (resume=auto, which the job sets unless overridden)")
+        if self.target in K8S_TARGETS:
+            shared = self.shared_dir.rstrip("/")
+            where = posixpath.normpath(posixpath.join(self.k8s_workdir(), config.checkpoint_dir))
+            if not where.startswith(shared + "/"):
+                # Each pod would see only its own states (the ranks then disagree and stop with exit 2), and a
+                # recreated pod none at all: the relaunch could not resume.
+                raise SubmitError(f"checkpoint_dir={config.checkpoint_dir} is {where} in the pod, not on --shared-dir "
+                                  f"{self.shared_dir}: a pod's own disk goes away with it, and a relaunch could not "
+                                  "resume (leave checkpoint_dir out to get one on the shared volume)")
 
     def _user_sets(self, key: str) -> bool:
         return any(item.startswith(f"{key}=") for item in self.overrides)

@@ -159,6 +159,10 @@ def test_local_sh_relaunches_through_supervise(fake_python, tmp_path):
     ("multinode.sh", {"NPROC": "x"}),
     ("multinode.sh", {"NNODES": "two"}),
     ("multinode.sh", {"NODE_RANK": "first"}),
+    ("multinode.sh", {"NODE_RANK": "2"}),  # NNODES=2: ranks 0 and 1
+    ("multinode.sh", {"NNODES": "0"}),
+    ("multinode.sh", {"NNODES": "4:2"}),
+    ("multinode.sh", {"CONFIG": "configs/missing.yaml"}),
     ("multinode.sh", {"MASTER_PORT": "70000"}),
     ("multinode.sh", {"GPUS": "all"}),
     ("multinode.sh", {"TASK": "serve"}),

@@ -276,12 +276,23 @@ def test_multinode_sh_runs_predict_py_with_its_flags_when_task_is_predict(gpus, 
     (dict(overrides=["epoch=3"]), "the training config does not load: command-line override: unknown key(s) ['epoch']"),
     (dict(overrides=["epochs=many"]), "epochs must be an integer, got 'many'"),
     (dict(overrides=["resume=off"]), "resume=off: a cluster job relaunches itself"),
+    (dict(target="k8s-kubeflow", overrides=["checkpoint_dir=/tmp/ck"]),
+     f"checkpoint_dir=/tmp/ck is /tmp/ck in the pod, not on --shared-dir {SHARED}"),
+    (dict(target="k8s-paddle", overrides=["checkpoint_dir=../../ck"]), "is /mnt/ck in the pod, not on --shared-dir"),
+    (dict(target="k8s-paddle", workdir="/src", overrides=["checkpoint_dir=runs/a"]), "is /src/runs/a in the pod"),
 ])
 def test_invalid_values_are_rejected(values, message):
     values = dict(values)
     target = values.pop("target", "slurm")
     with pytest.raises(SubmitError, match=re.escape(message)):
         spec(target, **values)
+
+
+def test_a_checkpoint_dir_the_user_puts_on_the_shared_volume_is_kept():
+    """Relative paths are the checkout's, SHARED_DIR/nerpipe in the pod unless --workdir says otherwise."""
+    for overrides in (["checkpoint_dir=runs/a"], [f"checkpoint_dir={SHARED}/runs/a"]):
+        job = spec("k8s-paddle", overrides=overrides)
+        assert job.all_overrides()[0] == overrides[0] and overrides[0] in render(job)
 
 
 def test_a_name_of_63_characters_with_the_pod_suffix_is_accepted():
@@ -310,6 +321,10 @@ def test_training_states_and_resume_are_always_set_unless_the_user_set_them(tmp_
     (["--nodes", "1", "--output", "/nonexistent/dir/job.sbatch"],
      "error: cannot write --output /nonexistent/dir/job.sbatch: No such file or directory"),
     (["--nodes", "1", "--", "resume=off"], "error: resume=off: a cluster job relaunches itself"),
+    # argparse's own errors too: no usage block in front of the reason.
+    (["--nodes", "two"], "error: argument --nodes: invalid int value: 'two' (see python -m pipeline.submit --help)"),
+    (["--nodes", "1", "--target", "lsf"], "error: argument --target: invalid choice: 'lsf'"),
+    ([], "error: the following arguments are required: --nodes"),
 ])
 def test_cli_reports_errors_in_one_line(argv, message):
     result = subprocess.run([sys.executable, "-m", "pipeline.submit", "--target", "slurm", "--config", CONFIG, *argv],
@@ -485,6 +500,8 @@ def test_a_relative_prediction_output_on_the_shared_volume_is_accepted():
      "error: cannot write --output /nonexistent/dir/job.sbatch: No such file or directory"),
     (["--nodes", "1", "--", "--checkpoint", "ck"], "error: predict.py flags (after --): the following arguments are"),
     (["--nodes", "1", "--", *PREDICT_FLAGS, "--workers", "4"], "error: --workers 4 after --"),
+    (["--nodes", "1", "--max-restarts", "x", "--"] + PREDICT_FLAGS,
+     "error: argument --max-restarts: invalid int value: 'x' (see python -m pipeline.submit predict --help)"),
 ])
 def test_prediction_cli_reports_errors_in_one_line(argv, message):
     result = subprocess.run([sys.executable, "-m", "pipeline.submit", "predict", "--target", "slurm", *argv],
