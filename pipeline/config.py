@@ -103,6 +103,10 @@ class TrainConfig:
     grad_accum_steps: int = _doc("Forward passes whose gradients are summed before one optimiser step.", 1)
     learning_rate: float = _doc("Peak learning rate of AdamW.", 5e-5)
     weight_decay: float = _doc("AdamW weight decay; never applied to biases and norm weights.", 0.01)
+    layer_lr_decay: float = _doc(
+        "Layer-wise learning-rate decay: encoder layer i of N trains at learning_rate * this ** (N - i), the "
+        "embeddings at ** (N + 1), the head at learning_rate (1: one rate for all).", 1.0
+    )
     warmup_ratio: float = _doc("Share of all steps spent warming the learning rate up linearly.", 0.1)
     max_grad_norm: float = _doc("Clip gradients to this global norm (0: no clipping).", 1.0)
     seed: int = _doc("Seed for weights of the head, shuffling and dropout (same on every rank).", 42)
@@ -183,6 +187,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ConfigError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.max_seq_len < 8:

@@ -9,6 +9,8 @@ host wait for the step, so the trainer reads it on log steps only.
 """
 from __future__ import annotations
 
+import re
+
 import paddle
 from paddlenlp.transformers import LinearDecayWithWarmup
 
@@ -34,6 +36,49 @@ def decayed_parameter_names(model: paddle.nn.Layer) -> set[str]:
     }
 
 
+# Where a parameter sits in every encoder family we load (bert., ernie., roberta., electra. prefixes).
+ENCODER_LAYER = re.compile(r"\.encoder\.layers?\.(\d+)\.")
+EMBEDDINGS = re.compile(r"(^|\.)embeddings\.")
+
+
+def layer_lr_multipliers(model: paddle.nn.Layer, decay: float) -> dict[str, float]:
+    """Layer-wise learning-rate decay: structure name -> multiplier of the learning rate.
+
+    With N encoder layers, layer i (0 at the bottom) gets ``decay ** (N - i)``, the embeddings
+    ``decay ** (N + 1)``, and everything above the encoder (the head, the CRF, the pooler) 1: the lower
+    a layer, the more general what it learnt in pre-training, and the less it should move.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    layers = {name: int(match.group(1)) for name in names if (match := ENCODER_LAYER.search(name))}
+    if not layers:
+        raise ValueError("layer_lr_decay: no encoder layers found among the model's parameters "
+                         f"(expected names like 'bert.encoder.layers.0.*'; first names: {names[:3]})")
+    depth = max(layers.values()) + 1
+    multipliers = {}
+    for name in names:
+        if name in layers:
+            multipliers[name] = decay ** (depth - layers[name])
+        elif EMBEDDINGS.search(name):
+            multipliers[name] = decay ** (depth + 1)
+        else:
+            multipliers[name] = 1.0
+    return multipliers
+
+
+def apply_layer_lr_decay(model: paddle.nn.Layer, decay: float) -> None:
+    """Set each encoder parameter's learning-rate multiplier (Paddle's ``optimize_attr``, which every
+    optimiser multiplies into the scheduled rate on CPU and GPU alike; AdamW's own ``lr_ratio`` is
+    GPU-only). Parameters above the encoder keep theirs (the CRF's transitions have 100). Setting, not
+    multiplying, so that building a second optimiser for the same model gives the same rates."""
+    if decay == 1.0:
+        return
+    multipliers = layer_lr_multipliers(model, decay)
+    for name, parameter in model.named_parameters():
+        multiplier = multipliers[name]
+        if multiplier != 1.0:
+            parameter.optimize_attr["learning_rate"] = multiplier
+
+
 def build_optimizer(config: TrainConfig, model: paddle.nn.Layer, total_steps: int):
     """AdamW plus its learning-rate schedule; the schedule is stepped once per optimiser step.
 
@@ -41,6 +86,7 @@ def build_optimizer(config: TrainConfig, model: paddle.nn.Layer, total_steps: in
     """
     warmup_steps = int(round(config.warmup_ratio * total_steps))
     schedule = LinearDecayWithWarmup(config.learning_rate, total_steps, warmup_steps)
+    apply_layer_lr_decay(model, config.layer_lr_decay)
     decayed = decayed_parameter_names(model)
     optimizer = paddle.optimizer.AdamW(
         learning_rate=schedule,

@@ -30,6 +30,8 @@ def test_defaults_then_file_then_overrides(tmp_path):
     ("decoding=viterbi", "decoding must be one of ['constrained', 'argmax'], got 'viterbi'"),
     ("warmup_ratio=1.5", "warmup_ratio must be in [0, 1)"),
     ("learning_rate=0", "learning_rate must be > 0"),
+    ("layer_lr_decay=0", "layer_lr_decay must be in (0, 1], got 0"),
+    ("layer_lr_decay=1.2", "layer_lr_decay must be in (0, 1], got 1.2"),
     ("labels=[B-X, I-X]", "labels must contain 'O'"),
     ("novalue", "not of the form key=value"),
 ])

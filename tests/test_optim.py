@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from pipeline.optim import clip_grads_, global_grad_norm
+from pipeline.optim import clip_grads_, global_grad_norm, layer_lr_multipliers
 
 
 def two_layer_net(seed: int) -> paddle.nn.Layer:
@@ -70,3 +70,61 @@ def test_small_gradients_are_left_untouched_and_zero_max_norm_disables_clipping(
     assert not clip_grads_(net2.parameters(), 0.0, global_grad_norm(net2.parameters()))
     for kept, original in zip(gradients(net) + gradients(net2), before + big):
         np.testing.assert_array_equal(kept, original)
+
+
+# ---------------------------------------------------------------- layer-wise learning-rate decay
+
+
+def tiny_classifier(tiny_model_dir, head="linear"):
+    from pipeline.models import build_token_classifier, resolve_model
+
+    paddle.seed(3)
+    return build_token_classifier(resolve_model(str(tiny_model_dir)), ["O", "B-PER", "I-PER"], head)
+
+
+def test_layer_lr_multipliers_fall_by_the_decay_per_layer_below_the_head(tiny_model_dir):
+    model = tiny_classifier(tiny_model_dir)
+    multipliers = layer_lr_multipliers(model, 0.5)
+    layers = model.bert.config["num_hidden_layers"]
+    assert layers == 2
+    assert multipliers["classifier.weight"] == multipliers["bert.pooler.dense.weight"] == 1.0
+    assert multipliers["bert.encoder.layers.1.linear1.weight"] == 0.5  # the top layer
+    assert multipliers["bert.encoder.layers.0.norm2.bias"] == 0.25
+    assert multipliers["bert.embeddings.word_embeddings.weight"] == 0.125
+    assert len(multipliers) == len(model.parameters())
+
+
+def test_layer_lr_decay_changes_each_layers_first_adamw_step_by_its_multiplier(tiny_model_dir, tmp_path):
+    """Adam's first step moves every weight by about lr * sign(gradient), whatever the gradient's size:
+    with no weight decay, the mean step of each tensor is its multiplier times the learning rate. This
+    checks the rates the optimiser really applies on CPU, not only the attributes set."""
+    from pipeline.config import TrainConfig
+    from pipeline.optim import build_optimizer
+
+    steps = {}
+    for decay in (1.0, 0.5):
+        model = tiny_classifier(tiny_model_dir, head="crf")
+        config = TrainConfig(model=str(tiny_model_dir), learning_rate=1e-3, warmup_ratio=0.0, weight_decay=0.0,
+                             layer_lr_decay=decay, checkpoint_dir=str(tmp_path))
+        optimizer, _ = build_optimizer(config, model, total_steps=10)
+        build_optimizer(config, model, total_steps=10)  # a second build changes nothing (rates are set)
+        before = {name: p.numpy().copy() for name, p in model.named_parameters()}
+        ids = paddle.to_tensor(np.random.default_rng(0).integers(5, 30, size=(4, 9)))
+        logits = model(ids)
+        (1e3 * logits.square().mean() + model.crf.transitions.sum()).backward()
+        grads = {name: np.abs(p.grad.numpy()) for name, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        # Where the gradient is well above Adam's epsilon (1e-8), the step is the rate itself.
+        steps[decay] = {name: float(np.abs(p.numpy() - before[name])[grads[name] > 1e-6].mean())
+                        for name, p in model.named_parameters() if name in grads and (grads[name] > 1e-6).any()}
+    for name in ("bert.encoder.layers.1.linear1.weight", "bert.encoder.layers.0.self_attn.q_proj.weight",
+                 "bert.embeddings.layer_norm.weight", "classifier.weight", "crf.transitions"):
+        expected = layer_lr_multipliers(tiny_classifier(tiny_model_dir, head="crf"), 0.5)[name]
+        assert steps[0.5][name] == pytest.approx(expected * steps[1.0][name], rel=0.02), name
+    # The CRF's own multiplier (100) is kept: its transitions move 100x the learning rate.
+    assert steps[0.5]["crf.transitions"] == pytest.approx(100 * 1e-3, rel=0.02)
+
+
+def test_layer_lr_decay_needs_encoder_layers():
+    with pytest.raises(ValueError, match="layer_lr_decay: no encoder layers found"):
+        layer_lr_multipliers(two_layer_net(0), 0.8)
