@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="static: the model exported by python -m pipeline.export, run by Paddle Inference; "
                              "onnx: its --format onnx export, run by ONNX Runtime (CPU); dynamic: the checkpoint's "
-                             "weights in the dynamic graph; auto (default): static when an export of the "
-                             "checkpoint's current weights is found, else dynamic with a warning; with a reduced "
-                             "--precision, the engine that has it")
+                             "weights in the dynamic graph; auto (default): on CPU onnx when ONNX Runtime "
+                             "is installed and a current --format onnx export is found (the faster engine, same "
+                             "labels), else static when an export of the checkpoint's current weights is found, "
+                             "else dynamic with a warning; with a reduced --precision, the engine that has it")
     parser.add_argument("--precision", choices=ALL_PRECISIONS, default=None,
                         help="arithmetic (default fp32, or an export directory's own): " + precision_summary()
                         + " (int8: the export of --format onnx --quantize int8)")

@@ -16,7 +16,7 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import TrainConfig
 from pipeline.export import main as export_main
 from pipeline.labels import MSRA_LABELS, to_bio
-from pipeline.predictor import EngineUnavailable, Predictor
+from pipeline.predictor import EngineUnavailable, Predictor, StaticModelWarning
 from pipeline.static_export import EXPORT_META_FILE, ONNX_MODEL_FILE, export_inference_model
 
 
@@ -76,6 +76,30 @@ def test_onnx_fp32_gives_the_dynamic_and_static_engines_labels(checkpoint_dir):
     meta = json.loads((checkpoint_dir / "onnx" / EXPORT_META_FILE).read_text())
     assert (meta["format"], meta["precision"], meta["outputs"][0]["name"]) == ("onnx", "fp32", "logits")
     assert meta["check"]["max_abs_logit_difference"] < 1e-4
+
+
+@needs_onnxruntime
+def test_auto_takes_the_onnx_export_on_cpu_when_it_is_current_else_the_static_one(checkpoint_dir, tmp_path,
+                                                                                 monkeypatch):
+    """ONNX Runtime's float32 is the faster CPU engine (BENCHMARKS.md) with the same labels: --engine auto
+    runs it when its export is current, and the static export when it is absent, stale or not installed."""
+    auto = Predictor.from_checkpoint(checkpoint_dir, batch_size=3)
+    assert auto.engine_name == "onnx" and auto.labeller.engine.options["precision"] == "fp32"
+    assert labels_of(auto) == labels_of(Predictor.from_checkpoint(checkpoint_dir, batch_size=3, engine="static"))
+    # An --inference_dir naming the static export keeps it.
+    assert Predictor.from_checkpoint(checkpoint_dir, inference_dir=checkpoint_dir / "inference").engine_name == "static"
+    without_onnx = tmp_path / "without_onnx"
+    shutil.copytree(checkpoint_dir, without_onnx, ignore=shutil.ignore_patterns("onnx*"))
+    assert Predictor.from_checkpoint(without_onnx).engine_name == "static"
+    stale = tmp_path / "stale"
+    shutil.copytree(checkpoint_dir, stale)
+    meta = json.loads((stale / "onnx" / EXPORT_META_FILE).read_text())
+    meta["weights_sha256"] = "0" * 64
+    (stale / "onnx" / EXPORT_META_FILE).write_text(json.dumps(meta))
+    with pytest.warns(StaticModelWarning, match="stale"):
+        assert Predictor.from_checkpoint(stale).engine_name == "static"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    assert Predictor.from_checkpoint(checkpoint_dir).engine_name == "static"
 
 
 @needs_onnxruntime
