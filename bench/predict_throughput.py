@@ -13,8 +13,9 @@ order rotated every repeat:
                 (how PaddleHub's token-classification predict feeds a model)
   (b) dynamic   the dynamic graph batched by TokenLabeller (sorted by length, padded to each batch's longest)
   (c) predict   what predict.py runs: Predictor.from_checkpoint(engine="auto") with predict.py's default
-                batch size, fed predict.py's chunks of lines (static model via Paddle Inference when a
-                current export exists)
+                batch size, fed predict.py's chunks of lines (on CPU the ONNX float32 export through ONNX
+                Runtime when it is installed and the export current, else the static model via Paddle
+                Inference when a current export exists; the row names the engine it ran)
 
 Timed: the predict calls only; model loading and a warm-up call on 16 other
 sentences are reported separately as start-up. All engines must give the same
