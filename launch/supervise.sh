@@ -54,7 +54,9 @@ send_stop() {
     kill -TERM "$launcher" 2>/dev/null
   fi
 }
+trapped=""
 forward_stop() {
+  trapped=1
   if [ -z "$signalled" ]; then
     signalled=$1
     echo "launch/supervise.sh: SIG$1: asking the launcher to stop (the workers save a training state)" >&2
@@ -62,6 +64,7 @@ forward_stop() {
   fi
 }
 forward_usr1() {
+  trapped=1
   # The workers are the launcher's children (each in its own process group, so not reached through it).
   if [ -n "$launcher" ]; then pkill -USR1 -P "$launcher" 2>/dev/null; fi
 }
@@ -87,10 +90,12 @@ while :; do
   ( trap '' USR1; exec "${own_group[@]}" "$@" ) &
   launcher=$!
   send_stop  # a signal that came before the launcher's pid was known
-  # `wait` returns early when a trapped signal arrives: wait again until the launcher has really exited.
+  # `wait` returns early (128 + the signal) when a trapped signal arrives: wait again. The launcher may have
+  # exited meanwhile (the workers stop at once on SIGUSR1); bash then still holds its status for this wait.
   while :; do
+    trapped=""
     wait "$launcher"; status=$?
-    kill -0 "$launcher" 2>/dev/null || break
+    [ -n "$trapped" ] || break
   done
   launcher=""
   if [ -n "$signalled" ]; then
