@@ -11,19 +11,23 @@ numbers on standard error; such a line is still predicted, never dropped.
 A JSONL line that cannot be used (not JSON, no string "text") gives the output
 line {"line", "error"} in its place and is reported on standard error; the
 other lines are predicted as usual and the exit status stays 0.
+
+A stop signal (SIGTERM, SIGINT, SIGUSR1: a scheduler's pre-emption or time-limit warning, Ctrl-C) ends
+the run after the chunk in flight is written, with exit status 75 ("relaunch me"): the same command
+continues after it. A second signal more than 2 s later ends it at once; the output stays resumable.
 """
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 from pipeline.device import DeviceError, add_device_arguments, prepare_process, use_gpu_of
 from pipeline.files import not_a_file
-from pipeline.prediction_io import (CHUNK_LINES, INPUT_FORMATS, STDIO, count_lines, output_problem, predict_file,
-                                    prediction_identity, resolve_input_format, start_prediction)
+from pipeline.prediction_io import (CHUNK_LINES, INPUT_FORMATS, STDIO, PredictionStopped, count_lines, output_problem,
+                                    predict_file, prediction_identity, resolve_input_format, start_prediction)
 from pipeline.predict_workers import WorkerDied
+from pipeline.stop_signals import RELAUNCH_EXIT_CODE, catch_stop_signals, ignore_stop_signals
 from pipeline.predictor import (ALL_PRECISIONS, ENGINES, EngineUnavailable, Predictor, precision_problem,
                                 precision_summary)
 
@@ -149,14 +153,6 @@ def load_predictor(args, device):
     return predictor
 
 
-class Interrupted(Exception):
-    """SIGTERM (as a scheduler sends before a kill) turned into an exception, so the output is left resumable."""
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -208,19 +204,23 @@ def main(argv=None) -> int:
         if main_process:
             print(problems[0], file=sys.stderr)
         return 2
-    if dist.get_world_size() > 1:
-        from pipeline.predict_workers import RankPredictor
+    with catch_stop_signals() as stop:
+        if dist.get_world_size() > 1:
+            from pipeline.predict_workers import RankPredictor
 
-        predictor = RankPredictor(predictor)
-        if not main_process:
-            predictor.serve()
-            dist.shutdown()
-            return 0
-    return predict_on_main_process(args, run, predictor)
+            predictor = RankPredictor(predictor, stop_requested=lambda: stop.requested)
+            if not main_process:  # rank 0 decides when to stop, from every rank's request
+                stopped = predictor.serve()
+                if stopped:
+                    ignore_stop_signals()  # the launcher stops the ranks still alive: keep this exit code
+                dist.shutdown()
+                return RELAUNCH_EXIT_CODE if stopped else 0
+        return predict_on_main_process(args, run, predictor, stop)
 
 
-def predict_on_main_process(args, run, predictor) -> int:
-    """Rank 0 (or the only process): predict the input into the output with a progress bar; the summary."""
+def predict_on_main_process(args, run, predictor, stop) -> int:
+    """Rank 0 (or the only process): predict the input into the output with a progress bar; the summary.
+    ``stop``: the ``StopRequest`` of this process's stop signals (other ranks' come with each chunk)."""
     from tqdm import tqdm
 
     from pipeline import dist
@@ -231,31 +231,41 @@ def predict_on_main_process(args, run, predictor) -> int:
     total = count_lines(args.input) if args.input != STDIO else None  # one cheap pass: the bar's ETA
     progress = tqdm(desc="predict", unit="line", total=total, initial=run.done, disable=args.output == STDIO,
                     mininterval=2, dynamic_ncols=True)
-    # Under the launcher SIGTERM keeps its default (the process ends at once, the output stays resumable):
-    # an exception in rank 0 would leave the other ranks waiting in a collective.
-    handles_sigterm = dist.get_world_size() == 1
-    if handles_sigterm:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    stopped = False
+
+    def should_stop() -> bool:
+        return stop.requested or getattr(predictor, "stop_seen", False)  # RankPredictor: any rank's signal
+
     try:
         # Each worker or rank gets about chunk_lines lines of every chunk.
         report = predict_file(predictor, run, chunk_lines=args.chunk_lines * args.workers * dist.get_world_size(),
-                              progress=progress.update)
+                              progress=progress.update, should_stop=should_stop)
     except WorkerDied as error:
         unfinished = (f"; {run.output.partial} is unfinished: rerun the same command to continue after line "
                       f"{run.output.recorded_lines()}") if run.output else "; the output is incomplete"
         print(f"error: {error}{unfinished}", file=sys.stderr)
         return 1  # a resource failure, worth retrying (unlike 2, bad input)
-    except (Interrupted, KeyboardInterrupt) as error:
-        print(f"interrupted ({error or 'SIGINT'}): {run.output.recorded_lines() if run.output else '?'} line(s) done"
+    except PredictionStopped as error:
+        stopped = True
+        why = stop.signal_name or "another rank's stop signal"
+        print(f"stopped on {why} after a whole chunk: {error.lines_done} line(s) done"
+              + (f" in {run.output.partial}; rerun the same command to continue" if run.output else
+                 "; the output is incomplete") + f" (exit {RELAUNCH_EXIT_CODE})", file=sys.stderr)
+        ignore_stop_signals()  # the launcher stops the ranks still alive: keep this exit code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the handlers: at once, the output resumable
+        print(f"interrupted (SIGINT): {run.output.recorded_lines() if run.output else '?'} line(s) done"
               + (f" in {run.output.partial}; rerun the same command to continue" if run.output else ""),
               file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(error, Interrupted) else signal.SIGINT)
+        return 130
     finally:
-        if handles_sigterm:
-            signal.signal(signal.SIGTERM, previous)
         progress.close()
-        if args.workers > 1 or dist.get_world_size() > 1:
-            predictor.close()  # ends the worker processes, or releases the other ranks, whatever happened here
+        if args.workers > 1:
+            predictor.close()  # ends the worker processes, whatever happened here
+        elif dist.get_world_size() > 1:
+            predictor.close(stopped=stopped)  # releases the other ranks, with the relaunch code if stopped
+    if stopped:
+        dist.shutdown()  # the other ranks wait for this one there
+        return RELAUNCH_EXIT_CODE
     for message in report.messages():
         print(message, file=sys.stderr)
     dist.shutdown()

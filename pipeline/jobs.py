@@ -270,7 +270,6 @@ class JobSpec(ClusterJob):
             "summary": "config $CONFIG",
             "config_export": f"export CONFIG=${{CONFIG:-{shlex.quote(self.config)}}}",
             "extra_arguments": "key=value overrides",
-            "signal_directive": "#SBATCH --signal=USR1@120",
             "continues": "it resumes from the newest training state",
         }
 
@@ -351,8 +350,6 @@ class PredictionJob(ClusterJob):
             "summary": "predict.py",
             "config_export": "# prediction: predict.py's flags (below) say what it reads and writes; no config",
             "extra_arguments": "more predict.py flags",
-            # predict.py has no graceful stop: SIGUSR1 before the time limit would change nothing.
-            "signal_directive": "# No --signal: the time limit ends a prediction; sbatch this file again to continue",
             "continues": "it continues the output after its last complete chunk",
         }
 

@@ -32,6 +32,10 @@ def _set_worker_threads(threads: int, barrier) -> None:
     """Pool initializer: this worker's thread count, before anything imports Paddle."""
     global _start_barrier
     _start_barrier = barrier
+    # Ctrl-C and Slurm's warning reach the whole process group: the parent then finishes the chunk in flight
+    # and stops (predict.py's graceful stop), which needs its workers. SIGTERM still ends a worker at once.
+    for signum in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     for name in THREAD_VARIABLES:
         os.environ[name] = str(threads)
     apply_cpu_settings()  # the rest (MKL's fast path on AMD, malloc) as in a single process
@@ -200,12 +204,20 @@ class RankPredictor:
     chunk, so an output left unfinished by a run of one world size is continued by any other.
     """
 
-    def __init__(self, predictor):
+    # What rank 0's close sends instead of a shard: None when the input is done, this when the run stopped on
+    # a stop signal (every rank then exits with the relaunch code).
+    STOP = "stop"
+
+    def __init__(self, predictor, stop_requested=lambda: False):
         from . import dist  # imports Paddle: only once the process's device and threads are set
 
         self._dist = dist
         self.predictor = predictor
         self.world_size = dist.get_world_size()
+        # This rank's own stop signal; each chunk's gather carries every rank's, so that a signal that reached
+        # one node only (a pod evicted) stops all of them after the same chunk.
+        self.stop_requested = stop_requested
+        self.stop_seen = False  # rank 0: some rank asked to stop during the last chunk
 
     @property
     def engine_name(self) -> str:
@@ -216,14 +228,17 @@ class RankPredictor:
         shards = [texts[begin:end] for begin, end in shard_bounds([len(text) for text in texts], self.world_size)]
         shards += [[] for _ in range(self.world_size - len(shards))]  # fewer texts than ranks
         mine = self._dist.scatter_objects(shards)
-        gathered = self._dist.all_gather_objects(self.predictor.predict(mine))
-        return [result for results in gathered for result in results]
+        gathered = self._dist.all_gather_objects((self.predictor.predict(mine), self.stop_requested()))
+        self.stop_seen = any(stop for _, stop in gathered)
+        return [result for results, _ in gathered for result in results]
 
-    def serve(self) -> None:
-        """Every rank but 0: predict the shards rank 0 sends until it sends None (``close``)."""
-        while (shard := self._dist.scatter_objects(None)) is not None:
-            self._dist.all_gather_objects(self.predictor.predict(shard))
+    def serve(self) -> bool:
+        """Every rank but 0: predict the shards rank 0 sends until it sends None or STOP (``close``); whether
+        it was STOP."""
+        while (shard := self._dist.scatter_objects(None)) not in (None, self.STOP):
+            self._dist.all_gather_objects((self.predictor.predict(shard), self.stop_requested()))
+        return shard == self.STOP
 
-    def close(self) -> None:
-        """Rank 0: release the ranks waiting in ``serve``."""
-        self._dist.scatter_objects([None] * self.world_size)
+    def close(self, stopped: bool = False) -> None:
+        """Rank 0: release the ranks waiting in ``serve``; ``stopped``: the run stopped on a signal."""
+        self._dist.scatter_objects([self.STOP if stopped else None] * self.world_size)

@@ -218,14 +218,25 @@ def start_prediction(input_path: str, output_path: str, input_format: str = "aut
     return run
 
 
+class PredictionStopped(Exception):
+    """A stop was asked for (``should_stop``) and the run ended after committing a whole chunk."""
+
+    def __init__(self, lines_done: int):
+        super().__init__(f"stopped after line {lines_done}")
+        self.lines_done = lines_done
+
+
 def predict_file(predictor, run: PredictionRun, chunk_lines: int = CHUNK_LINES,
-                 progress: Callable[[int], object] | None = None) -> PredictionReport:
+                 progress: Callable[[int], object] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> PredictionReport:
     """Predict every line of ``run``'s input, after those an earlier run finished, into its output.
 
     ``predictor`` is anything with ``predict(texts) -> results`` (``Predictor``, ``ParallelPredictor``,
     ``RankPredictor``); ``progress`` is called with the number of lines of each chunk written. Each
     chunk of ``chunk_lines`` lines is committed as a whole: an interrupted run leaves the lines of its
-    last commit in ``OUTPUT.partial``, which the same command continues.
+    last commit in ``OUTPUT.partial``, which the same command continues. ``should_stop`` is asked after
+    each committed chunk; True ends the run there with ``PredictionStopped`` (a graceful stop: nothing of
+    the chunk in flight is lost or redone).
     """
     started = time.perf_counter()
     source = "<stdin>" if run.input_path == STDIO else run.input_path
@@ -246,6 +257,8 @@ def predict_file(predictor, run: PredictionRun, chunk_lines: int = CHUNK_LINES,
             if len(chunk) >= chunk_lines:
                 # lines.offset is the end of the chunk's last line: read_texts asks for a line only when it yields.
                 _write_chunk(predictor, chunk, run, report, lines.offset, progress)
+                if should_stop is not None and should_stop():
+                    raise PredictionStopped(report.written)
         _write_chunk(predictor, chunk, run, report, lines.offset, progress)
         if run.output is not None:
             run.output.finish()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import FILLER, PEOPLE, PLACES, ROOT, clean_env
+from pipeline.stop_signals import RELAUNCH_EXIT_CODE
 
 SUMMARY = re.compile(r"wrote (\d+) line\(s\) -> (\S+) \((\d+) predicted, (\d+) rejected, (\d+) entities\); "
                      r"this run: (\d+) sentence\(s\) in ([\d.]+) s, ([\d.]+) sentences/s(, continued after line "
@@ -149,6 +150,43 @@ def test_an_interrupted_output_is_continued_or_refused_when_what_it_was_made_fro
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "in.txt", "out.jsonl", "reference.jsonl"]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_stop_signal_ends_the_run_after_the_chunk_in_flight_with_the_relaunch_code(checkpoint_dir, tmp_path,
+                                                                                     monkeypatch, capsys, signum):
+    """The signal arrives while chunk 3 is being written (twice: the launcher repeats its SIGTERM): that chunk
+    is committed, no later one is started, the run exits 75 saying so, and the same command continues."""
+    from pipeline.files import ResumableLineFile
+
+    source = tmp_path / "in.txt"
+    source.write_bytes(corpus_bytes(200))
+    reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
+    command = ["--checkpoint", str(checkpoint_dir), "--input", str(source), "--output", str(out), "--chunk_lines",
+               "30"]
+    assert run_main([*command[:5], str(reference)]) == 0
+    real_commit, commits = ResumableLineFile.commit, []
+
+    def commit(self, lines, state):
+        commits.append(len(lines))
+        if len(commits) == 3:
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)
+        real_commit(self, lines, state)
+
+    previous = signal.getsignal(signum)
+    with monkeypatch.context() as patch:
+        patch.setattr(ResumableLineFile, "commit", commit)
+        assert run_main(command) == RELAUNCH_EXIT_CODE
+    assert signal.getsignal(signum) == previous  # the handlers are put back
+    err = capsys.readouterr().err
+    name = signal.Signals(signum).name
+    assert (f"stopped on {name} after a whole chunk: 90 line(s) done in {out}.partial; rerun the same command to "
+            f"continue (exit {RELAUNCH_EXIT_CODE})") in err
+    assert len(commits) == 3 and len(Path(f"{out}.partial").read_bytes().splitlines()) == 90 and not out.exists()
+    assert run_main(command) == 0
+    assert out.read_bytes() == reference.read_bytes()
+    assert summary_of(capsys.readouterr().err)[10] == "90"
+
+
 def test_an_unfinished_output_from_standard_input_is_refused_not_continued(checkpoint_dir, tmp_path, monkeypatch,
                                                                            capsys):
     import io
@@ -256,8 +294,9 @@ def kill_every_process_of(job: subprocess.Popen) -> None:
 def test_a_run_killed_mid_way_and_rerun_writes_what_an_uninterrupted_run_writes(checkpoint_dir, corpus, tmp_path,
                                                                                  ranks, how):
     """SIGKILL: the process (one process) or every process of the launch at once (as a scheduler or a lost
-    node ends it). SIGTERM: the process (one process, which reports how far it got) or the launcher,
-    which stops its workers. The same command then continues after the last complete chunk."""
+    node ends it). SIGTERM: the process (one process, which finishes the chunk in flight, says how far it
+    got and exits 75) or the launcher, which passes it on to its workers. The same command then continues
+    after the last complete chunk."""
     import psutil
 
     source, reference = corpus
@@ -286,9 +325,12 @@ def test_a_run_killed_mid_way_and_rerun_writes_what_an_uninterrupted_run_writes(
     done = committed_lines(out)
     assert not out.exists() and 200 <= done < LINES, done  # killed mid-way: no final file
     assert job.returncode != 0
+    if how == signal.SIGTERM:  # a graceful stop: whole chunks only
+        assert done % int(CHUNK) == 0, done
     if ranks == 1 and how == signal.SIGTERM:
-        assert job.returncode == 128 + signal.SIGTERM
-        assert f"{done} line(s) done in {out}.partial; rerun the same command to continue" in err, err
+        assert job.returncode == RELAUNCH_EXIT_CODE
+        assert (f"stopped on SIGTERM after a whole chunk: {done} line(s) done in {out}.partial; rerun the same "
+                f"command to continue (exit {RELAUNCH_EXIT_CODE})") in err, err
     if how == signal.SIGKILL:
         with open(f"{out}.partial", "ab") as handle:
             handle.write('{"text": "张三在'.encode())  # as a kill in the middle of a write leaves it
@@ -299,3 +341,40 @@ def test_a_run_killed_mid_way_and_rerun_writes_what_an_uninterrupted_run_writes(
     assert summary[1] == str(LINES) and summary[10] == str(done)
     assert int(summary[6]) == LINES - done  # this run predicted the rest (a text input rejects no line)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("logs")) == ["out.jsonl"]
+
+
+@pytest.mark.slow
+def test_sigusr1_to_one_rank_stops_both_after_the_same_chunk_and_the_rerun_writes_the_uninterrupted_output(
+        checkpoint_dir, corpus, tmp_path):
+    """Slurm's warning before the time limit, or a signal that reached one node only: rank 1 alone gets it.
+    Its request travels with the chunk's results, rank 0 writes that chunk and tells rank 1 to stop, and
+    both exit 75, as does the launcher; the same command then continues to the uninterrupted output."""
+    import psutil
+
+    source, reference = corpus
+    out, log_dir = tmp_path / "out.jsonl", tmp_path / "logs-stopped"
+    job = subprocess.Popen(predict_command(checkpoint_dir, source, out, 2, log_dir), cwd=ROOT, env=clean_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while committed_lines(out) < 200:
+            assert job.poll() is None, job.communicate()
+            assert time.monotonic() < deadline, "prediction never started"
+            time.sleep(0.05)
+        ranks = {int(p.environ().get("PADDLE_TRAINER_ID", -1)): p for p in psutil.Process(job.pid).children()}
+        ranks[1].send_signal(signal.SIGUSR1)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            kill_every_process_of(job)
+    done = committed_lines(out)
+    rank0 = (log_dir / "workerlog.0").read_text(encoding="utf-8")
+    assert job.returncode == RELAUNCH_EXIT_CODE, err[-2000:] + rank0[-2000:]
+    assert done % (2 * int(CHUNK)) == 0 and 200 <= done < LINES, done  # whole chunks of both ranks
+    assert (f"stopped on another rank's stop signal after a whole chunk: {done} line(s) done in {out}.partial; "
+            "rerun the same command to continue") in rank0
+    assert not out.exists()
+    log = run_to_the_end(predict_command(checkpoint_dir, source, out, 2, tmp_path / "logs-rerun"), 2,
+                         tmp_path / "logs-rerun")
+    assert out.read_bytes() == reference.read_bytes()
+    assert summary_of(log)[10] == str(done)
