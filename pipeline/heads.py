@@ -9,6 +9,13 @@ change and the checkpoint stays one ``model.pdparams``; ``config.json``
 records ``ner_head: crf`` so that a checkpoint rebuilds its own head.
 Decoding (Viterbi over the learnt transitions, with the moves strict BIO forbids
 removed) is ``pipeline.decoding``'s, the same code as the linear head's.
+
+The loss is ours, not ``LinearChainCrfLoss``: PaddleNLP 2.8.1's ``LinearChainCrf.forward``
+(the log partition function) indexes the transitions ``[next, previous]`` while its
+``gold_score`` (and every Viterbi) reads them ``[previous, next]``, so its "negative
+log-likelihood" is not one, and training learns transitions that decoding then misreads
+(checked against brute force over all paths: ``tests/test_heads.py``). ``log_partition`` is
+the forward algorithm with the gold score's orientation.
 """
 from __future__ import annotations
 
@@ -52,17 +59,29 @@ def _first_pieces(logits, label_ids):
     return emissions, labels, lengths
 
 
+def log_partition(emissions, transitions, lengths):
+    """``log Z`` per row: the log-sum-exp, over every label path ``y`` of the row's first ``lengths``
+    positions, of ``sum_t emissions[t, y_t] + sum_t transitions[y_(t-1), y_t]`` (the forward algorithm;
+    ``transitions`` is ``[previous, next]``, as the gold score and Viterbi read it). Lengths >= 1."""
+    alpha = emissions[:, 0]  # [batch, labels]: paths ending in each label at position 0
+    for t in range(1, emissions.shape[1]):
+        # [batch, previous, 1] + [1, previous, next] -> log-sum-exp over previous
+        step = paddle.logsumexp(alpha.unsqueeze(2) + transitions.unsqueeze(0), axis=1) + emissions[:, t]
+        alpha = paddle.where((lengths > t).unsqueeze(1), step, alpha)  # rows already ended keep theirs
+    return paddle.logsumexp(alpha, axis=1)
+
+
 def token_loss(model, logits, label_ids):
     """Mean loss of a batch: cross-entropy per labelled token, or CRF negative log-likelihood per window."""
     logits = logits.astype("float32")
     if head_of(model) == "linear":
         return F.cross_entropy(logits.reshape([-1, logits.shape[-1]]), label_ids.reshape([-1]),
                                ignore_index=IGNORE_INDEX)
-    from paddlenlp.layers import LinearChainCrfLoss
-
     emissions, labels, lengths = _first_pieces(logits, label_ids)
     has_tokens = (lengths > 0).astype("float32")  # a window of pieceless characters has nothing to score
-    losses = LinearChainCrfLoss(model.crf)(emissions, paddle.clip(lengths, min=1), labels)
+    lengths = paddle.clip(lengths, min=1)
+    transitions = model.crf.transitions.astype("float32")
+    losses = log_partition(emissions, transitions, lengths) - model.crf.gold_score(emissions, labels, lengths)
     return (losses * has_tokens).sum() / paddle.clip(has_tokens.sum(), min=1.0)
 
 
