@@ -162,6 +162,15 @@ class ClusterJob:
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise SubmitError(f"--workdir {self.workdir!r} must be an absolute path inside the container")
 
+    def _check_on_shared_volume(self, what: str, path: str, relaunch_needs: str) -> None:
+        """On k8s, ``path`` (relative to the container's working directory) must lie on --shared-dir."""
+        if self.target not in K8S_TARGETS:
+            return
+        where = posixpath.normpath(posixpath.join(self.k8s_workdir(), path))
+        if not where.startswith(self.shared_dir.rstrip("/") + "/"):
+            raise SubmitError(f"{what} is {where} in the pod, not on --shared-dir {self.shared_dir}: a pod's own disk "
+                              f"goes away with it, and a relaunch could not {relaunch_needs}")
+
     def program(self) -> list[str]:
         """The script the launcher starts and what comes before the job's arguments (k8s command lines)."""
         raise NotImplementedError
@@ -229,15 +238,10 @@ class JobSpec(ClusterJob):
         if config.resume != "auto":
             raise SubmitError(f"resume={config.resume}: a cluster job relaunches itself and must continue from "
                               "its newest training state (resume=auto, which the job sets unless overridden)")
-        if self.target in K8S_TARGETS:
-            shared = self.shared_dir.rstrip("/")
-            where = posixpath.normpath(posixpath.join(self.k8s_workdir(), config.checkpoint_dir))
-            if not where.startswith(shared + "/"):
-                # Each pod would see only its own states (the ranks then disagree and stop with exit 2), and a
-                # recreated pod none at all: the relaunch could not resume.
-                raise SubmitError(f"checkpoint_dir={config.checkpoint_dir} is {where} in the pod, not on --shared-dir "
-                                  f"{self.shared_dir}: a pod's own disk goes away with it, and a relaunch could not "
-                                  "resume (leave checkpoint_dir out to get one on the shared volume)")
+        # Each pod would see only its own states (the ranks then disagree and stop with exit 2), and a recreated
+        # pod none at all.
+        self._check_on_shared_volume(f"checkpoint_dir={config.checkpoint_dir}", config.checkpoint_dir,
+                                     "resume (leave checkpoint_dir out to get one on the shared volume)")
 
     def _user_sets(self, key: str) -> bool:
         return any(item.startswith(f"{key}=") for item in self.overrides)
@@ -325,14 +329,8 @@ class PredictionJob(ClusterJob):
                 raise SubmitError(f"predict.py {flag} {path}: a prediction job reads and writes files, not standard "
                                   "input/output (give predict.py --input FILE --output FILE after --)")
         predict.parse_args([*self.predict_args, *self._device_flags()], parser)  # values, precision on the device
-        if self.target in K8S_TARGETS:
-            shared = self.shared_dir.rstrip("/")
-            where = posixpath.normpath(posixpath.join(self.k8s_workdir(), given.output))
-            if not where.startswith(shared + "/"):
-                # A relaunch may run rank 0 in another pod (Kubeflow ranks pods by arrival; pods are recreated).
-                raise SubmitError(f"predict.py --output {given.output} is {where} in the pod, not on --shared-dir "
-                                  f"{self.shared_dir}: a pod's own disk goes away with it, and a relaunch could not "
-                                  "continue the output")
+        # A relaunch may run rank 0 in another pod (Kubeflow ranks pods by arrival; pods are recreated).
+        self._check_on_shared_volume(f"predict.py --output {given.output}", given.output, "continue the output")
 
     def _device_flags(self) -> list[str]:
         return ["--device", "gpu" if self.gpus_per_node > 0 else "cpu"]

@@ -58,6 +58,17 @@ def run_main(args) -> int:
     return predict.main(args)
 
 
+def chunked_run_with_reference(checkpoint_dir, tmp_path, lines: int = 200, chunk_lines: int = 30):
+    """(input, its uninterrupted output, the output to write, the command that writes it chunk by chunk)."""
+    source = tmp_path / "in.txt"
+    source.write_bytes(corpus_bytes(lines))
+    reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
+    command = ["--checkpoint", str(checkpoint_dir), "--input", str(source), "--output", str(out), "--chunk_lines",
+               str(chunk_lines)]
+    assert run_main([*command[:5], str(reference)]) == 0
+    return source, reference, out, command
+
+
 def test_the_summary_counts_lines_entities_rejected_and_the_bar_knows_the_total(checkpoint_dir, tmp_path,
                                                                                  capsys):
     source = tmp_path / "in.jsonl"
@@ -97,12 +108,7 @@ def interrupt_at_commit(monkeypatch, commit_number: int):
 
 def test_an_interrupted_output_is_continued_or_refused_when_what_it_was_made_from_changed(checkpoint_dir, tmp_path,
                                                                                          monkeypatch, capsys):
-    source = tmp_path / "in.txt"
-    source.write_bytes(corpus_bytes(200))
-    reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
-    command = ["--checkpoint", str(checkpoint_dir), "--input", str(source), "--output", str(out), "--chunk_lines",
-               "30"]
-    assert run_main([*command[:5], str(reference)]) == 0
+    source, reference, out, command = chunked_run_with_reference(checkpoint_dir, tmp_path)
     whole = summary_of(capsys.readouterr().err)
     with monkeypatch.context() as patch:
         interrupt_at_commit(patch, 4)
@@ -157,12 +163,7 @@ def test_a_stop_signal_ends_the_run_after_the_chunk_in_flight_with_the_relaunch_
     is committed, no later one is started, the run exits 75 saying so, and the same command continues."""
     from pipeline.files import ResumableLineFile
 
-    source = tmp_path / "in.txt"
-    source.write_bytes(corpus_bytes(200))
-    reference, out = tmp_path / "reference.jsonl", tmp_path / "out.jsonl"
-    command = ["--checkpoint", str(checkpoint_dir), "--input", str(source), "--output", str(out), "--chunk_lines",
-               "30"]
-    assert run_main([*command[:5], str(reference)]) == 0
+    source, reference, out, command = chunked_run_with_reference(checkpoint_dir, tmp_path)
     real_commit, commits = ResumableLineFile.commit, []
 
     def commit(self, lines, state):
