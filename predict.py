@@ -263,13 +263,11 @@ def predict_on_main_process(args, run, predictor, stop) -> int:
             predictor.close()  # ends the worker processes, whatever happened here
         elif dist.get_world_size() > 1:
             predictor.close(stopped=stopped)  # releases the other ranks, with the relaunch code if stopped
-    if stopped:
-        dist.shutdown()  # the other ranks wait for this one there
-        return RELAUNCH_EXIT_CODE
-    for message in report.messages():
-        print(message, file=sys.stderr)
-    dist.shutdown()
-    return 0
+    if not stopped:
+        for message in report.messages():
+            print(message, file=sys.stderr)
+    dist.shutdown()  # the other ranks wait for this one there, a stopped run's too
+    return RELAUNCH_EXIT_CODE if stopped else 0
 
 
 if __name__ == "__main__":

@@ -27,15 +27,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli import OneLineErrorParser
 from .onnx_export import QUANTIZATIONS  # imports neither Paddle nor ONNX at the top
 from .static_export import EXPORT_FORMATS, EXPORT_META_FILE, export_dir_name
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (exit 2), not the usage block and the message."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

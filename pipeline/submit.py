@@ -21,18 +21,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .cli import OneLineErrorParser
 from .jobs import (CPUS_PER_WORKER, LIMITS, MEMORY_GB_PER_WORKER, TEMPLATES, ClusterJob, JobSpec, PredictionJob,
                    SubmitError, render)
 
 PREDICT = "predict"  # the first word of a prediction job's command line
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's errors (a missing flag, a word where a number belongs) as the renderer's own: one line and
-    exit 2, without the usage block, which hides the reason in a page of flags."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(job: type[ClusterJob] = JobSpec) -> argparse.ArgumentParser:
@@ -40,8 +33,8 @@ def build_parser(job: type[ClusterJob] = JobSpec) -> argparse.ArgumentParser:
     defaults taken from this module."""
     default = {f.name: f.default for f in fields(job)}
     prog = "python -m pipeline.submit" + (f" {PREDICT}" if job is PredictionJob else "")
-    parser = OneLineParser(prog=prog, description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog=prog, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True, choices=list(TEMPLATES), help="scheduler or operator")
     parser.add_argument("--nodes", type=int, required=True, help=f"number of nodes (pods), 1 to {LIMITS['nodes']}")
     parser.add_argument("--gpus-per-node", type=int, default=0,

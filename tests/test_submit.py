@@ -322,9 +322,9 @@ def test_training_states_and_resume_are_always_set_unless_the_user_set_them(tmp_
      "error: cannot write --output /nonexistent/dir/job.sbatch: No such file or directory"),
     (["--nodes", "1", "--", "resume=off"], "error: resume=off: a cluster job relaunches itself"),
     # argparse's own errors too: no usage block in front of the reason.
-    (["--nodes", "two"], "error: argument --nodes: invalid int value: 'two' (see python -m pipeline.submit --help)"),
-    (["--nodes", "1", "--target", "lsf"], "error: argument --target: invalid choice: 'lsf'"),
-    ([], "error: the following arguments are required: --nodes"),
+    (["--nodes", "two"], "python -m pipeline.submit: error: argument --nodes: invalid int value: 'two' (see --help)"),
+    (["--nodes", "1", "--target", "lsf"], "python -m pipeline.submit: error: argument --target: invalid choice: 'lsf'"),
+    ([], "python -m pipeline.submit: error: the following arguments are required: --nodes"),
 ])
 def test_cli_reports_errors_in_one_line(argv, message):
     result = subprocess.run([sys.executable, "-m", "pipeline.submit", "--target", "slurm", "--config", CONFIG, *argv],
@@ -502,7 +502,7 @@ def test_a_relative_prediction_output_on_the_shared_volume_is_accepted():
     (["--nodes", "1", "--", "--checkpoint", "ck"], "error: predict.py flags (after --): the following arguments are"),
     (["--nodes", "1", "--", *PREDICT_FLAGS, "--workers", "4"], "error: --workers 4 after --"),
     (["--nodes", "1", "--max-restarts", "x", "--"] + PREDICT_FLAGS,
-     "error: argument --max-restarts: invalid int value: 'x' (see python -m pipeline.submit predict --help)"),
+     "python -m pipeline.submit predict: error: argument --max-restarts: invalid int value: 'x' (see --help)"),
 ])
 def test_prediction_cli_reports_errors_in_one_line(argv, message):
     result = subprocess.run([sys.executable, "-m", "pipeline.submit", "predict", "--target", "slurm", *argv],
