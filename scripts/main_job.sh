@@ -19,3 +19,6 @@ echo "test metrics (best model on dev, evaluated once on test):"
 .venv/bin/python predict.py --checkpoint "$OUT/best_model" --input examples/paddlehub_demo.txt \
   --output "$OUT/demo_predictions.jsonl"
 .venv/bin/python -m pipeline.report entities "$OUT/demo_predictions.jsonl"
+# The four demo sentences are MSRA-NER training sentences: the corpus's own annotation is their gold.
+echo "the demo against MSRA-NER's annotation of the same sentences (examples/paddlehub_demo_gold.tsv):"
+.venv/bin/python -m pipeline.report gold "$OUT/demo_predictions.jsonl" examples/paddlehub_demo_gold.tsv

@@ -76,3 +76,66 @@ def test_main_job_calls_commands_not_inline_programs():
     assert " -c " not in script
     assert "--get checkpoint_dir" in script and "-m pipeline.report metrics" in script
     assert "-m pipeline.report entities" in script
+    assert "-m pipeline.report gold \"$OUT/demo_predictions.jsonl\" examples/paddlehub_demo_gold.tsv" in script
+
+
+def _gold_file(tmp_path, sentences):
+    from pipeline.readers import write_tsv
+
+    path = tmp_path / "gold.tsv"
+    write_tsv(path, [(list(text), labels) for text, labels in sentences])
+    return path
+
+
+def test_gold_lines_name_missed_and_spurious_entities_and_count_them(tmp_path):
+    gold = _gold_file(tmp_path, [
+        ("新华社北京5月7日电", ["B-ORG", "I-ORG", "I-ORG", "B-LOC", "I-LOC", "O", "O", "O", "O", "O"]),
+        ("华裔作家", ["B-LOC", "O", "O", "O"]),
+        ("今天", ["O", "O"]),
+    ])
+    results = [PREDICTIONS[0],
+               {"text": "华裔作家", "labels": ["B-PER", "I-PER", "O", "O"], "entities": []},  # wrong type and end
+               PREDICTIONS[1]]
+    assert report.gold_lines(results, gold) == [
+        "1: 2/2 gold entities; all right",
+        "2: 0/1 gold entities; missed 华/LOC; spurious 华裔/PER",
+        "3: 0/0 gold entities; all right",
+        "in all: 2 of 3 gold entities found, 1 spurious",
+    ]
+
+
+def test_gold_refuses_other_texts_or_another_count_in_one_line(tmp_path):
+    gold = _gold_file(tmp_path, [("今天", ["O", "O"])])
+    other = [{"text": "明天", "labels": ["O", "O"], "entities": []}]
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps(other, ensure_ascii=False)[1:-1] + "\n", encoding="utf-8")
+    result = run("-m", "pipeline.report", "gold", str(predictions), str(gold))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: text 1 differs: {gold} has '今天', the predictions '明天'"]
+    predictions.write_text("", encoding="utf-8")
+    result = run("-m", "pipeline.report", "gold", str(predictions), str(gold))
+    assert (result.returncode, result.stderr.strip()) == (2, f"error: {gold} holds 1 sentences, the predictions 0")
+
+
+def test_the_demos_gold_file_is_msra_ners_annotation_of_exactly_the_demo_sentences(tmp_path):
+    """examples/paddlehub_demo_gold.tsv holds the four demo lines as MSRA-NER's training split annotates them
+    (all four are MSRA training sentences; the entities below were read off the fetched corpus)."""
+    from pipeline.readers import read_examples
+
+    demo = (ROOT / "examples" / "paddlehub_demo.txt").read_text(encoding="utf-8").splitlines()
+    examples, _ = read_examples(ROOT / "examples" / "paddlehub_demo_gold.tsv")
+    assert ["".join(example.tokens) for example in examples] == demo
+    entities = [report._named_spans("".join(example.tokens), example.labels) for example in examples]
+    assert entities == [
+        ["市委/ORG", "张敬涛/PER"],
+        ["新华社/ORG", "北京/LOC", "国务院/ORG", "李岚清/PER", "中南海/LOC", "美国前商务部/ORG", "芭芭拉·弗兰克林/PER"],
+        ["海卫1/LOC", "“旅行者”号探测器/LOC"],
+        ["华/LOC", "韩素音/PER", "大足/LOC", "大足石窟/LOC"],
+    ]
+    # The main job's own check: a perfect prediction of the demo scores every gold entity and nothing else.
+    perfect = [{"text": "".join(example.tokens), "labels": example.labels, "entities": []} for example in examples]
+    lines = tmp_path / "demo_predictions.jsonl"
+    lines.write_text("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in perfect), encoding="utf-8")
+    result = run("-m", "pipeline.report", "gold", str(lines), str(ROOT / "examples" / "paddlehub_demo_gold.tsv"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "in all: 15 of 15 gold entities found, 0 spurious"
