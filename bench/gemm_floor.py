@@ -312,6 +312,10 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gemm_floor-"))
     if args.variant:
         apply_cpu_settings()  # what the parent did not set; before Paddle or NumPy loads its library
+        if args.variant == "paddle_mkl_own_path":
+            # apply_cpu_settings has just put back the MKL path the parent removed for this variant (on AMD
+            # it sets one whenever none is set): MKL reads the variable when Paddle loads it, so remove it here.
+            os.environ.pop("MKL_DEBUG_CPU_TYPE", None)
         workdir.mkdir(parents=True, exist_ok=True)
         result = measure_variant(args.variant, dims, args.batch, args.seq, args.reps, workdir)
         text = json.dumps(result)

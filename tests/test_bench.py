@@ -315,6 +315,33 @@ def test_openblas_is_timed_in_its_own_process_without_the_site_core_type(tmp_pat
     assert all(rate > 0 for rate in result["rates_flops_per_s"].values())
 
 
+def test_mkls_own_path_is_timed_without_any_mkl_path_variable(tmp_path, monkeypatch):
+    """The child applies cpu_env's settings, which on AMD name MKL's AVX2 path whenever none is set: the 'own
+    path' child must still run with the variable unset (it once timed the AVX2 path a second time). The child's
+    side runs here, in this process, on a processor made to read as AMD."""
+    from bench import gemm_floor
+    from pipeline import cpu_env
+
+    dims = {"layers": 1, "hidden": 8, "heads": 2, "intermediate": 16, "classes": 3}
+    monkeypatch.setattr(cpu_env, "_cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(cpu_env, "cpu_flags", lambda: frozenset(cpu_env.AVX2_FLAGS))
+    saved = dict(os.environ)
+    try:
+        for name in ("paddle_mkl", "paddle_mkl_own_path"):
+            # As the parent hands each child its environment (variant_environment drops the variable for own_path).
+            os.environ.clear()
+            os.environ.update(gemm_floor.variant_environment(name, {**saved, "MKL_DEBUG_CPU_TYPE": "5"}))
+            out = tmp_path / f"{name}.json"
+            assert gemm_floor.main(["--variant", name, "--dims", json.dumps(dims), "--batch", "2", "--seq", "4",
+                                    "--reps", "1", "--out", str(out), "--workdir", str(tmp_path / name)]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    timed_with = {name: json.loads((tmp_path / f"{name}.json").read_text())["library_variables"]["MKL_DEBUG_CPU_TYPE"]
+                  for name in ("paddle_mkl", "paddle_mkl_own_path")}
+    assert timed_with == {"paddle_mkl": "5", "paddle_mkl_own_path": None}
+
+
 @pytest.mark.slow
 def test_ours_and_paddlenlp_with_our_batches_time_the_same_sentences_in_the_same_batches(
         tiny_model_dir, tiny_dataset_dir, tmp_path):
