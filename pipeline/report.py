@@ -93,10 +93,13 @@ def main(argv=None) -> int:
     if args.command == "metrics":
         print("\n".join(metrics_lines(read_json_object(path))))
     elif args.command == "gold":
-        with path.open(encoding="utf-8") as lines:
-            results = [json.loads(line) for line in lines if line.strip()]
         try:
+            with path.open(encoding="utf-8") as lines:
+                results = [json.loads(line) for line in lines if line.strip()]
             print("\n".join(gold_lines(results, args.gold_file)))
+        except json.JSONDecodeError as error:
+            print(f"error: {path}: not predict.py's JSONL output: {error}", file=sys.stderr)
+            return 2
         except (ValueError, OSError) as error:  # the readers' DataError is a ValueError naming file and line
             print(f"error: {error}", file=sys.stderr)
             return 2

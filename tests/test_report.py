@@ -115,6 +115,13 @@ def test_gold_refuses_other_texts_or_another_count_in_one_line(tmp_path):
     predictions.write_text("", encoding="utf-8")
     result = run("-m", "pipeline.report", "gold", str(predictions), str(gold))
     assert (result.returncode, result.stderr.strip()) == (2, f"error: {gold} holds 1 sentences, the predictions 0")
+    predictions.write_text('{"text": "今天"\n', encoding="utf-8")  # cut off
+    result = run("-m", "pipeline.report", "gold", str(predictions), str(gold))
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {predictions}: not predict.py's JSONL output")
+    predictions.write_text(json.dumps(other[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    for missing in ([str(tmp_path / "none.jsonl"), str(gold)], [str(predictions), str(tmp_path / "none.tsv")]):
+        result = run("-m", "pipeline.report", "gold", *missing)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "none." in result.stderr
 
 
 def test_the_demos_gold_file_is_msra_ners_annotation_of_exactly_the_demo_sentences(tmp_path):
