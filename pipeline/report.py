@@ -46,7 +46,12 @@ def entity_lines(result: dict) -> list[str]:
 
 
 def _named_spans(text: str, tags: list[str]) -> list[str]:
-    return [f"{text[start:end]}/{entity_type}" for entity_type, start, end in bio_spans(tags)]
+    return [_span_name(text, span) for span in bio_spans(tags)]
+
+
+def _span_name(text: str, span: tuple[str, int, int]) -> str:
+    entity_type, start, end = span
+    return f"{text[start:end]}/{entity_type}"
 
 
 def gold_lines(results: list[dict], gold_file) -> list[str]:
@@ -64,10 +69,10 @@ def gold_lines(results: list[dict], gold_file) -> list[str]:
         if "".join(example.tokens) != result["text"]:
             raise ValueError(f"text {number} differs: {gold_file} has {''.join(example.tokens)!r}, "
                              f"the predictions {result['text']!r}")
-        gold = _named_spans(result["text"], example.labels)
-        predicted = _named_spans(result["text"], result["labels"])
-        missing = [entity for entity in gold if entity not in predicted]
-        extra = [entity for entity in predicted if entity not in gold]
+        # Spans by position: a name that occurs twice is two entities.
+        gold, predicted = bio_spans(example.labels), bio_spans(result["labels"])
+        missing = [_span_name(result["text"], span) for span in gold if span not in predicted]
+        extra = [_span_name(result["text"], span) for span in predicted if span not in gold]
         found += len(gold) - len(missing)
         missed += len(missing)
         spurious += len(extra)

@@ -92,15 +92,18 @@ def test_gold_lines_name_missed_and_spurious_entities_and_count_them(tmp_path):
         ("新华社北京5月7日电", ["B-ORG", "I-ORG", "I-ORG", "B-LOC", "I-LOC", "O", "O", "O", "O", "O"]),
         ("华裔作家", ["B-LOC", "O", "O", "O"]),
         ("今天", ["O", "O"]),
+        ("大足到大足", ["B-LOC", "I-LOC", "O", "B-LOC", "I-LOC"]),
     ])
     results = [PREDICTIONS[0],
                {"text": "华裔作家", "labels": ["B-PER", "I-PER", "O", "O"], "entities": []},  # wrong type and end
-               PREDICTIONS[1]]
+               PREDICTIONS[1],
+               {"text": "大足到大足", "labels": ["B-LOC", "I-LOC", "O", "O", "O"], "entities": []}]  # the second missed
     assert report.gold_lines(results, gold) == [
         "1: 2/2 gold entities; all right",
         "2: 0/1 gold entities; missed 华/LOC; spurious 华裔/PER",
         "3: 0/0 gold entities; all right",
-        "in all: 2 of 3 gold entities found, 1 spurious",
+        "4: 1/2 gold entities; missed 大足/LOC; spurious nothing",
+        "in all: 3 of 5 gold entities found, 1 spurious",
     ]
 
 
