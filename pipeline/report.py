@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 from .files import read_json_object
-from .labels import bio_spans
 from .metrics import KEY_PREFIXES, SCORING_NAMES, SCORINGS, upgrade_summary
 from .readers import read_examples
+from .text import entities_of
 
 
 def metrics_lines(metrics: dict, split: str = "test") -> list[str]:
@@ -39,19 +39,15 @@ def metrics_lines(metrics: dict, split: str = "test") -> list[str]:
     return lines
 
 
+def entity_name(entity: dict) -> str:
+    """``text/TYPE`` of an entity as ``pipeline.text.entities_of`` (and so predict.py) writes it."""
+    return f"{entity['text']}/{entity['type']}"
+
+
 def entity_lines(result: dict) -> list[str]:
     """A prediction's text, then ``  -> text/TYPE, ...`` (or ``(no entities)``)."""
-    found = ", ".join(f"{entity['text']}/{entity['type']}" for entity in result["entities"])
+    found = ", ".join(entity_name(entity) for entity in result["entities"])
     return [result["text"], f"  -> {found or '(no entities)'}"]
-
-
-def _named_spans(text: str, tags: list[str]) -> list[str]:
-    return [_span_name(text, span) for span in bio_spans(tags)]
-
-
-def _span_name(text: str, span: tuple[str, int, int]) -> str:
-    entity_type, start, end = span
-    return f"{text[start:end]}/{entity_type}"
 
 
 def gold_lines(results: list[dict], gold_file) -> list[str]:
@@ -69,10 +65,10 @@ def gold_lines(results: list[dict], gold_file) -> list[str]:
         if "".join(example.tokens) != result["text"]:
             raise ValueError(f"text {number} differs: {gold_file} has {''.join(example.tokens)!r}, "
                              f"the predictions {result['text']!r}")
-        # Spans by position: a name that occurs twice is two entities.
-        gold, predicted = bio_spans(example.labels), bio_spans(result["labels"])
-        missing = [_span_name(result["text"], span) for span in gold if span not in predicted]
-        extra = [_span_name(result["text"], span) for span in predicted if span not in gold]
+        # Entities compared with their positions: a name that occurs twice is two entities.
+        gold, predicted = entities_of(result["text"], example.labels), result["entities"]
+        missing = [entity_name(entity) for entity in gold if entity not in predicted]
+        extra = [entity_name(entity) for entity in predicted if entity not in gold]
         found += len(gold) - len(missing)
         missed += len(missing)
         spurious += len(extra)

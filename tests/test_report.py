@@ -8,6 +8,7 @@ import sys
 from helpers import ROOT
 from pipeline import report
 from pipeline.metrics import EntityCounts
+from pipeline.text import entities_of
 
 TEST_METRICS = {"test": {
     "precision": 0.78134999, "recall": 0.775149, "f1": 0.7782, "num_predicted": 10,
@@ -87,6 +88,11 @@ def _gold_file(tmp_path, sentences):
     return path
 
 
+def _prediction(text, labels):
+    """One line of predict.py's output."""
+    return {"text": text, "labels": labels, "entities": entities_of(text, labels)}
+
+
 def test_gold_lines_name_missed_and_spurious_entities_and_count_them(tmp_path):
     gold = _gold_file(tmp_path, [
         ("新华社北京5月7日电", ["B-ORG", "I-ORG", "I-ORG", "B-LOC", "I-LOC", "O", "O", "O", "O", "O"]),
@@ -94,10 +100,8 @@ def test_gold_lines_name_missed_and_spurious_entities_and_count_them(tmp_path):
         ("今天", ["O", "O"]),
         ("大足到大足", ["B-LOC", "I-LOC", "O", "B-LOC", "I-LOC"]),
     ])
-    results = [PREDICTIONS[0],
-               {"text": "华裔作家", "labels": ["B-PER", "I-PER", "O", "O"], "entities": []},  # wrong type and end
-               PREDICTIONS[1],
-               {"text": "大足到大足", "labels": ["B-LOC", "I-LOC", "O", "O", "O"], "entities": []}]  # the second missed
+    results = [PREDICTIONS[0], _prediction("华裔作家", ["B-PER", "I-PER", "O", "O"]),  # wrong type and end
+               PREDICTIONS[1], _prediction("大足到大足", ["B-LOC", "I-LOC", "O", "O", "O"])]  # the second missed
     assert report.gold_lines(results, gold) == [
         "1: 2/2 gold entities; all right",
         "2: 0/1 gold entities; missed 华/LOC; spurious 华裔/PER",
@@ -109,7 +113,7 @@ def test_gold_lines_name_missed_and_spurious_entities_and_count_them(tmp_path):
 
 def test_gold_refuses_other_texts_or_another_count_in_one_line(tmp_path):
     gold = _gold_file(tmp_path, [("今天", ["O", "O"])])
-    other = [{"text": "明天", "labels": ["O", "O"], "entities": []}]
+    other = [_prediction("明天", ["O", "O"])]
     predictions = tmp_path / "p.jsonl"
     predictions.write_text(json.dumps(other, ensure_ascii=False)[1:-1] + "\n", encoding="utf-8")
     result = run("-m", "pipeline.report", "gold", str(predictions), str(gold))
@@ -135,7 +139,8 @@ def test_the_demos_gold_file_is_msra_ners_annotation_of_exactly_the_demo_sentenc
     demo = (ROOT / "examples" / "paddlehub_demo.txt").read_text(encoding="utf-8").splitlines()
     examples, _ = read_examples(ROOT / "examples" / "paddlehub_demo_gold.tsv")
     assert ["".join(example.tokens) for example in examples] == demo
-    entities = [report._named_spans("".join(example.tokens), example.labels) for example in examples]
+    entities = [[report.entity_name(entity) for entity in entities_of("".join(example.tokens), example.labels)]
+                for example in examples]
     assert entities == [
         ["市委/ORG", "张敬涛/PER"],
         ["新华社/ORG", "北京/LOC", "国务院/ORG", "李岚清/PER", "中南海/LOC", "美国前商务部/ORG", "芭芭拉·弗兰克林/PER"],
@@ -143,7 +148,7 @@ def test_the_demos_gold_file_is_msra_ners_annotation_of_exactly_the_demo_sentenc
         ["华/LOC", "韩素音/PER", "大足/LOC", "大足石窟/LOC"],
     ]
     # The main job's own check: a perfect prediction of the demo scores every gold entity and nothing else.
-    perfect = [{"text": "".join(example.tokens), "labels": example.labels, "entities": []} for example in examples]
+    perfect = [_prediction("".join(example.tokens), example.labels) for example in examples]
     lines = tmp_path / "demo_predictions.jsonl"
     lines.write_text("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in perfect), encoding="utf-8")
     result = run("-m", "pipeline.report", "gold", str(lines), str(ROOT / "examples" / "paddlehub_demo_gold.tsv"))
