@@ -50,6 +50,25 @@ def entity_lines(result: dict) -> list[str]:
     return [result["text"], f"  -> {found or '(no entities)'}"]
 
 
+def read_predictions(path: Path) -> list[dict]:
+    """predict.py's JSONL output; ValueError naming the file and line of one that is not a prediction (cut off, or
+    the ``{"line", "error"}`` predict.py writes for an input line it rejected)."""
+    results = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a line of predict.py's JSONL output ({error.msg})") from None
+            if not isinstance(result, dict) or not {"text", "labels", "entities"} <= result.keys():
+                raise ValueError(f"{path}:{number}: not a prediction (predict.py writes text, labels and entities; "
+                                 f"this line has {sorted(result) if isinstance(result, dict) else type(result).__name__})")
+            results.append(result)
+    return results
+
+
 def gold_lines(results: list[dict], gold_file) -> list[str]:
     """Predicted entities against a labelled file of the same texts, in order: per text what was missed and
     what is spurious (a wrong type or boundary counts as both), then the totals.
@@ -95,12 +114,7 @@ def main(argv=None) -> int:
         print("\n".join(metrics_lines(read_json_object(path))))
     elif args.command == "gold":
         try:
-            with path.open(encoding="utf-8") as lines:
-                results = [json.loads(line) for line in lines if line.strip()]
-            print("\n".join(gold_lines(results, args.gold_file)))
-        except json.JSONDecodeError as error:
-            print(f"error: {path}: not predict.py's JSONL output: {error}", file=sys.stderr)
-            return 2
+            print("\n".join(gold_lines(read_predictions(path), args.gold_file)))
         except (ValueError, OSError) as error:  # the readers' DataError is a ValueError naming file and line
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -124,7 +124,12 @@ def test_gold_refuses_other_texts_or_another_count_in_one_line(tmp_path):
     assert (result.returncode, result.stderr.strip()) == (2, f"error: {gold} holds 1 sentences, the predictions 0")
     predictions.write_text('{"text": "今天"\n', encoding="utf-8")  # cut off
     result = run("-m", "pipeline.report", "gold", str(predictions), str(gold))
-    assert result.returncode == 2 and result.stderr.startswith(f"error: {predictions}: not predict.py's JSONL output")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {predictions}:1: not a line of predict.py's JSONL")
+    predictions.write_text(json.dumps(other[0]) + '\n{"line": 2, "error": "no text"}\n', encoding="utf-8")
+    result = run("-m", "pipeline.report", "gold", str(predictions), str(gold))  # predict.py's line for a rejected input
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {predictions}:2: not a prediction (predict.py writes text, labels and entities; this line has "
+        "['error', 'line'])"]
     predictions.write_text(json.dumps(other[0], ensure_ascii=False) + "\n", encoding="utf-8")
     for missing in ([str(tmp_path / "none.jsonl"), str(gold)], [str(predictions), str(tmp_path / "none.tsv")]):
         result = run("-m", "pipeline.report", "gold", *missing)
