@@ -31,11 +31,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f"cpu settings: {apply_cpu_settings()}")
     import paddle
-    import paddle.nn.functional as F
     import paddle.profiler as profiler
 
+    from pipeline.amp import AmpPolicy
+    from pipeline.config import TrainConfig
     from pipeline.linear_grad import install_matmul_bias_grad
-    from pipeline.models import build_token_classifier, resolve_model, token_logits
+    from pipeline.models import build_token_classifier, resolve_model
+    from pipeline.trainer import LossOfBatch
 
     paddle.seed(0)
     model = build_token_classifier(resolve_model(args.model), LABELS)
@@ -47,9 +49,7 @@ def main(argv=None) -> int:
     labels = paddle.randint(0, len(LABELS), [args.batch, args.seq])
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=model.parameters(), weight_decay=0.01)
 
-    @paddle.jit.to_static(full_graph=False)
-    def loss_of(ids, gold):
-        return F.cross_entropy(token_logits(model, ids).reshape([-1, len(LABELS)]), gold.reshape([-1]))
+    loss_of = LossOfBatch(model, AmpPolicy(TrainConfig()), to_static=True)  # the trainer's forward and loss
 
     def step():
         loss_of(input_ids, labels).backward()

@@ -59,9 +59,6 @@ def _first_pieces(logits, label_ids):
     return emissions, labels, lengths
 
 
-# Eager under to_static: SOT would trace the loop over positions anew for every batch length (a minute of the
-# main job's first 40 steps went to that); eagerly it costs a few milliseconds a step.
-@paddle.jit.marker.force_dynamic
 def log_partition(emissions, transitions, lengths):
     """``log Z`` per row: the log-sum-exp, over every label path ``y`` of the row's first ``lengths``
     positions, of ``sum_t emissions[t, y_t] + sum_t transitions[y_(t-1), y_t]`` (the forward algorithm;

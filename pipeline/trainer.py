@@ -112,17 +112,30 @@ class LossOfBatch(paddle.nn.Layer):
 
     One forward for both, so that DataParallel sees every parameter used inside its
     forward pass, the CRF's transitions included.
+
+    With ``to_static``, only the logits go through SOT; the loss runs eagerly. SOT traced the
+    CRF's likelihood (a loop over positions, a host read of the longest row, index buffers sized
+    by the batch) anew for batch after batch, a second or more each, and graph breaks inside it
+    do not make the code after them eager. The token ids are marked dynamic in both dimensions,
+    so one program serves every batch shape from the first step on.
     """
 
-    def __init__(self, model, amp: AmpPolicy):
+    def __init__(self, model, amp: AmpPolicy, to_static: bool = False):
         super().__init__()
         self.model = model
         self.amp = amp
+        # Not full_graph: SOT keeps in eager mode what it cannot translate.
+        self.logits_of = paddle.jit.to_static(self._logits, full_graph=False) if to_static else self._logits
+        self.marks_dynamic_shapes = to_static
+
+    def _logits(self, input_ids):
+        with self.amp.autocast():
+            return token_logits(self.model, input_ids)
 
     def forward(self, input_ids, label_ids):
-        with self.amp.autocast():
-            logits = token_logits(self.model, input_ids)
-        return token_loss(self.model, logits, label_ids)
+        if self.marks_dynamic_shapes:
+            paddle.jit.marker.dynamic_dims(input_ids, [0, 1])  # batch and length vary from batch to batch
+        return token_loss(self.model, self.logits_of(input_ids), label_ids)
 
 
 class Trainer:
@@ -213,11 +226,7 @@ class Trainer:
             # Before to_static traces the forward, so the traced program has the matmul form.
             install_matmul_bias_grad(self.model)
         self.model, self.optimizer = self.amp.decorate(self.model, self.optimizer)
-        loss_of_batch = LossOfBatch(self.model, self.amp)
-        if config.to_static:
-            # Not full_graph: SOT keeps what it cannot translate (e.g. the CRF loss) in eager mode.
-            loss_of_batch = paddle.jit.to_static(loss_of_batch, full_graph=False)
-        self.wrapped = dist.wrap_for_training(loss_of_batch)
+        self.wrapped = dist.wrap_for_training(LossOfBatch(self.model, self.amp, config.to_static))
         self.wrapped.train()
         self.run_log = RunLog(self.output_dir, self.is_main, config.use_vdl)
         if source is not None:

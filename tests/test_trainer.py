@@ -244,3 +244,81 @@ def test_a_state_written_before_both_scorings_resumes_comparing_like_with_like(
     saved_step = json.loads((out / "best_model" / "metrics.json").read_text())["step"]
     # compare_metrics=f1 has no old value to beat, so step 4 is the best; strict_f1 = 1.0 is never beaten.
     assert (saved_step == 4) is new_best and (result.best_metric == 1.0) is not new_best
+
+
+def _tiny_classifier(model_dir, head: str):
+    from pipeline.labels import MSRA_LABELS
+    from pipeline.models import build_token_classifier, resolve_model
+
+    paddle.seed(3)
+    return build_token_classifier(resolve_model(str(model_dir)), MSRA_LABELS, head=head)
+
+
+def _batch(batch: int, length: int, seed: int):
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(5, 60, size=(batch, length))
+    label_ids = rng.integers(0, 7, size=(batch, length))
+    label_ids[:, 0] = label_ids[:, -1] = -100  # [CLS] and [SEP] carry no label
+    label_ids[0, 1:3] = -100  # a continuation piece: not scored
+    return paddle.to_tensor(input_ids, dtype="int64"), paddle.to_tensor(label_ids, dtype="int64")
+
+
+SHAPES = [(4, 9), (4, 17), (3, 5), (4, 23), (2, 12), (4, 30), (3, 7)]
+
+
+@pytest.mark.parametrize("head", ["linear", "crf"])
+def test_to_static_losses_and_gradients_equal_eager_ones_for_every_batch_shape(tiny_model_dir, head):
+    """The traced logits and the eager loss give the eager forward's loss and gradients, shape after shape."""
+    from pipeline.amp import AmpPolicy
+    from pipeline.trainer import LossOfBatch
+
+    models = {mode: _tiny_classifier(tiny_model_dir, head) for mode in ("eager", "static")}
+    losses = {mode: LossOfBatch(model, AmpPolicy(TrainConfig()), to_static=mode == "static")
+              for mode, model in models.items()}
+    # No dropout, in training mode (in eval mode a to_static program computes no gradients): the two
+    # forwards would draw different masks.
+    for model in models.values():
+        for layer in model.sublayers():
+            if isinstance(layer, paddle.nn.Dropout):
+                layer.p = 0.0
+            elif isinstance(layer, paddle.nn.MultiHeadAttention):
+                layer.dropout = 0.0
+    for index, shape in enumerate(SHAPES):
+        input_ids, label_ids = _batch(*shape, seed=index)
+        values = {}
+        for mode, loss_of_batch in losses.items():
+            loss = loss_of_batch(input_ids, label_ids)
+            loss.backward()
+            values[mode] = float(loss)
+        assert values["static"] == pytest.approx(values["eager"], rel=1e-5), shape
+        for (name, eager), static in zip(models["eager"].named_parameters(), models["static"].parameters()):
+            if eager.grad is None:  # the pooler: not on the path to the loss in either mode
+                assert static.grad is None, name
+                continue
+            assert static.grad is not None, (name, shape)
+            np.testing.assert_allclose(static.grad.numpy(), eager.grad.numpy(), rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name} at batch shape {shape}")
+        for model in models.values():
+            model.clear_gradients()
+
+
+@pytest.mark.parametrize("head", ["linear", "crf"])
+def test_new_batch_shapes_stop_being_translated_after_the_first_few(tiny_model_dir, head):
+    """SOT makes a frame's dimensions symbolic once it has seen them change (the token ids are marked so
+    from the start); after that a new batch shape is not translated again. The CRF's likelihood, when
+    it was traced, kept being translated batch after batch (a second or more each on m3e-small)."""
+    from paddle.jit.sot.opcode_translator.executor.executor_cache import OpcodeExecutorCache
+
+    from pipeline.amp import AmpPolicy
+    from pipeline.trainer import LossOfBatch
+
+    loss_of_batch = LossOfBatch(_tiny_classifier(tiny_model_dir, head), AmpPolicy(TrainConfig()), to_static=True)
+    cache = OpcodeExecutorCache()
+    cache.clear()  # translations are cached per code object, across instances: start from none
+    counts = []
+    for index, shape in enumerate(SHAPES):
+        loss_of_batch(*_batch(*shape, seed=index)).backward()
+        counts.append(cache.translate_count)
+    assert counts[0] > 0, "the logits were not translated at all"
+    settled = 3  # the first shape, then two changes of each dimension's size
+    assert counts[settled:] == [counts[settled - 1]] * (len(SHAPES) - settled), counts
