@@ -116,8 +116,9 @@ class LossOfBatch(paddle.nn.Layer):
     With ``to_static``, only the logits go through SOT; the loss runs eagerly. SOT traced the
     CRF's likelihood (a loop over positions, a host read of the longest row, index buffers sized
     by the batch) anew for batch after batch, a second or more each, and graph breaks inside it
-    do not make the code after them eager. The token ids are marked dynamic in both dimensions,
-    so one program serves every batch shape from the first step on.
+    do not make the code after them eager. The token ids are marked dynamic in both dimensions, so
+    the first program already serves every batch shape; the frames SOT starts after graph breaks
+    inside PaddleNLP's encoder become dynamic once they have seen their sizes change (two more shapes).
     """
 
     def __init__(self, model, amp: AmpPolicy, to_static: bool = False):
