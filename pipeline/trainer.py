@@ -127,15 +127,14 @@ class LossOfBatch(paddle.nn.Layer):
         self.amp = amp
         # Not full_graph: SOT keeps in eager mode what it cannot translate.
         self.logits_of = paddle.jit.to_static(self._logits, full_graph=False) if to_static else self._logits
-        self.marks_dynamic_shapes = to_static
 
     def _logits(self, input_ids):
         with self.amp.autocast():
             return token_logits(self.model, input_ids)
 
     def forward(self, input_ids, label_ids):
-        if self.marks_dynamic_shapes:
-            paddle.jit.marker.dynamic_dims(input_ids, [0, 1])  # batch and length vary from batch to batch
+        # Batch and length vary from batch to batch. Only SOT reads the mark; eagerly it is an unused attribute.
+        paddle.jit.marker.dynamic_dims(input_ids, [0, 1])
         return token_loss(self.model, self.logits_of(input_ids), label_ids)
 
 
