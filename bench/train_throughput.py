@@ -10,7 +10,9 @@ sentences, same per-worker batch, same optimiser settings, same thread
 settings from pipeline.cpu_env applied before Paddle is imported):
 
   ours                pipeline.Trainer.fit() of the config (length-grouped
-                      batches). The real fit() loop runs; the benchmark wraps
+                      batches) with the linear head, the head PaddleNLP's side
+                      trains (--head crf times the CRF's instead: not like for
+                      like against PaddleNLP). The real fit() loop runs; the benchmark wraps
                       the learning-rate schedule's step() to time-stamp the end
                       of each optimiser step, wraps token_logits to record batch
                       shapes, and stops the run after the last timed step.
@@ -98,7 +100,8 @@ def _load_config(args):
     # One epoch of warm-up + pass batches (bench.timed_pass); no evaluation, saving or test.
     overrides = [f"max_train_examples={args.examples}", f"batch_size={args.batch_size}", "epochs=1",
                  "max_steps=0", "grad_accum_steps=1", "do_test=false", "max_dev_examples=1", "use_vdl=false",
-                 "eval_interval=0", "resume='off'", "save_interval=0", f"checkpoint_dir={args.child_dir}"]
+                 "eval_interval=0", "resume='off'", "save_interval=0", f"checkpoint_dir={args.child_dir}",
+                 f"head={args.head}"]
     config = load_config(str(ROOT / args.config) if not os.path.isabs(args.config) else args.config, overrides)
     if not config.group_by_length:
         raise SystemExit(f"{args.config}: group_by_length is false; the benchmark times our length-grouped batches")
@@ -330,7 +333,7 @@ def run_child(args) -> int:
 def child_command(args, child: str, out: str, child_dir: str) -> list[str]:
     return [str(Path(__file__).resolve()), "--child", child, "--child-out", out, "--child-dir", child_dir,
             "--config", args.config, "--examples", str(args.examples), "--batch-size", str(args.batch_size),
-            "--warmup", str(args.warmup), "--allreduce-reps", str(args.allreduce_reps)]
+            "--warmup", str(args.warmup), "--allreduce-reps", str(args.allreduce_reps), "--head", args.head]
 
 
 def launch(args, name: str, cmd: list[str], workers: int = 0) -> tuple[float, str]:
@@ -502,7 +505,7 @@ def report(args, info: dict, results: dict) -> str:
     add(f"command   {results['command']}")
     one = results["one_process"]
     ours_run = one["ours"]["runs"][0]
-    add(f"settings  config {args.config}; first {args.examples} training sentences; batch {args.batch_size} per "
+    add(f"settings  config {args.config}, head {args.head}; first {args.examples} training sentences; batch {args.batch_size} per "
         f"worker; {args.warmup} warm-up batches, then one whole pass ({ours_run['steps']} steps in one process); "
         f"{args.repeats} repeats")
     add(f"threads   {ours_run['threads']} (pipeline.cpu_env, applied in every child before Paddle is imported)")
@@ -611,6 +614,9 @@ def parse_setups(text: str, option: str, parser) -> list[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config of ours (default {DEFAULT_CONFIG})")
+    parser.add_argument("--head", choices=("linear", "crf"), default="linear",
+                        help="our token-classification head (default linear: the head of PaddleNLP's "
+                             "*ForTokenClassification, which its side trains; the config's own head is ignored)")
     parser.add_argument("--examples", type=int, default=2000,
                         help="first N MSRA-NER training sentences; one whole pass over them is timed (2000)")
     parser.add_argument("--batch-size", type=int, default=16, help="sentences per worker per step (16)")
@@ -695,7 +701,7 @@ def main(argv=None) -> int:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     info = common.machine_info()
     results = {"date": common.now_utc(), "command": common.command_line(), "machine": info,
-               "settings": {k: getattr(args, k) for k in ("config", "examples", "batch_size", "warmup", "repeats",
+               "settings": {k: getattr(args, k) for k in ("config", "head", "examples", "batch_size", "warmup", "repeats",
                                                           "paddlenlp_setups", "paddlenlp_x2_setups", "matmul_reps",
                                                           "allreduce_reps", "quick")}}
     print(f"machine: {common.machine_line(info)}\nprocessor: {gemm_floor.isa_line(info)}\nlogs: {args.workdir}",

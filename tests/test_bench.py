@@ -259,6 +259,17 @@ def test_paddlenlp_setups_are_checked_before_any_run():
             tt.parse_args(bad)
 
 
+def test_ours_trains_paddlenlps_linear_head_unless_told_otherwise(tmp_path):
+    # The quick preset trains the CRF; PaddleNLP's side trains *ForTokenClassification's linear head.
+    from bench import train_throughput as tt
+
+    for argv, head in (([], "linear"), (["--head", "crf"], "crf")):
+        args = tt.parse_args(["--child-dir", str(tmp_path)] + argv)
+        assert tt._load_config(args).head == head
+        command = tt.child_command(args, "ours", "out.json", str(tmp_path))
+        assert command[command.index("--head") + 1] == head
+
+
 def test_gemm_libraries_follow_the_instruction_set_detected():
     from bench import gemm_floor
 
