@@ -101,7 +101,7 @@ def _load_config(args):
     overrides = [f"max_train_examples={args.examples}", f"batch_size={args.batch_size}", "epochs=1",
                  "max_steps=0", "grad_accum_steps=1", "do_test=false", "max_dev_examples=1", "use_vdl=false",
                  "eval_interval=0", "resume='off'", "save_interval=0", f"checkpoint_dir={args.child_dir}",
-                 f"head={args.head}"]
+                 f"head={args.head}", *args.set]
     config = load_config(str(ROOT / args.config) if not os.path.isabs(args.config) else args.config, overrides)
     if not config.group_by_length:
         raise SystemExit(f"{args.config}: group_by_length is false; the benchmark times our length-grouped batches")
@@ -333,7 +333,8 @@ def run_child(args) -> int:
 def child_command(args, child: str, out: str, child_dir: str) -> list[str]:
     return [str(Path(__file__).resolve()), "--child", child, "--child-out", out, "--child-dir", child_dir,
             "--config", args.config, "--examples", str(args.examples), "--batch-size", str(args.batch_size),
-            "--warmup", str(args.warmup), "--allreduce-reps", str(args.allreduce_reps), "--head", args.head]
+            "--warmup", str(args.warmup), "--allreduce-reps", str(args.allreduce_reps), "--head", args.head,
+            *[f"--set={override}" for override in args.set]]
 
 
 def launch(args, name: str, cmd: list[str], workers: int = 0) -> tuple[float, str]:
@@ -617,6 +618,8 @@ def parse_args(argv=None):
     parser.add_argument("--head", choices=("linear", "crf"), default="linear",
                         help="our token-classification head (default linear: the head of PaddleNLP's "
                              "*ForTokenClassification, which its side trains; the config's own head is ignored)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for ours, e.g. --set embedding_grad_rows=false (repeatable)")
     parser.add_argument("--examples", type=int, default=2000,
                         help="first N MSRA-NER training sentences; one whole pass over them is timed (2000)")
     parser.add_argument("--batch-size", type=int, default=16, help="sentences per worker per step (16)")
@@ -701,7 +704,7 @@ def main(argv=None) -> int:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     info = common.machine_info()
     results = {"date": common.now_utc(), "command": common.command_line(), "machine": info,
-               "settings": {k: getattr(args, k) for k in ("config", "head", "examples", "batch_size", "warmup", "repeats",
+               "settings": {k: getattr(args, k) for k in ("config", "head", "set", "examples", "batch_size", "warmup", "repeats",
                                                           "paddlenlp_setups", "paddlenlp_x2_setups", "matmul_reps",
                                                           "allreduce_reps", "quick")}}
     print(f"machine: {common.machine_line(info)}\nprocessor: {gemm_floor.isa_line(info)}\nlogs: {args.workdir}",

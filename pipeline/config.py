@@ -121,6 +121,10 @@ class TrainConfig:
     matmul_bias_grad: bool = _doc(
         "On CPU in float32, compute Linear layers' bias gradients as a matmul instead of Paddle's row reduction, "
         "which is slower than the layer's own matmuls (pipeline/linear_grad.py); same outputs.", True)
+    embedding_grad_rows: bool = _doc(
+        "On CPU with several workers, all-reduce only the rows of the word-embedding gradient that some "
+        "worker's batch used (the other rows are zero on every worker) instead of the whole table, which is "
+        "almost half of m3e-small's gradients; same gradients, less gloo traffic (pipeline/dist.py).", True)
     max_bad_steps: int = _doc(
         "A step whose loss or gradients are NaN/Inf is skipped (no update) and counted; this many such steps "
         "in a row stop the run with an error naming the step and the last good checkpoint.", 10)

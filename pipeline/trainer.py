@@ -226,6 +226,8 @@ class Trainer:
             # Before to_static traces the forward, so the traced program has the matmul form.
             install_matmul_bias_grad(self.model)
         self.model, self.optimizer = self.amp.decorate(self.model, self.optimizer)
+        # Before DataParallel is built: it takes the table out of DataParallel's all-reduce.
+        self.embedding_sync = dist.embedding_row_sync(self.model, config.embedding_grad_rows, on_gpu())
         self.wrapped = dist.wrap_for_training(LossOfBatch(self.model, self.amp, config.to_static))
         self.wrapped.train()
         self.run_log = RunLog(self.output_dir, self.is_main, config.use_vdl)
@@ -234,6 +236,9 @@ class Trainer:
         self.stats = StepStats()
         self.bar = tqdm(total=self.plan.total_steps, initial=self.progress.step, desc="train", unit="step",
                         disable=not self.is_main, mininterval=2)
+        if self.is_main and self.embedding_sync is not None:
+            logger.info("gradients: the word-embedding table (%d rows) is all-reduced by the rows the batches used",
+                        self.embedding_sync.vocab_size)
         if self.is_main:
             logger.info("training: %d workers x batch %d x accumulation %d; %d steps (%d epochs of %d steps)",
                         dist.get_world_size(), config.batch_size, config.grad_accum_steps, self.plan.total_steps,
@@ -286,6 +291,10 @@ class Trainer:
         with sync:
             loss = self.wrapped(input_ids, label_ids)
             self.amp.backward(loss / config.grad_accum_steps)
+        if self.embedding_sync is not None:
+            self.embedding_sync.note_ids(input_ids)
+            if boundary:
+                self.embedding_sync.all_reduce()
         # The accumulation group's loss, on the device: read only when the loss scaler skips the step.
         self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
         self.stats.add(loss.detach(), (input_ids != self.aligner.pad_id).astype("int64").sum(), input_ids.size)

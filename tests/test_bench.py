@@ -270,6 +270,31 @@ def test_ours_trains_paddlenlps_linear_head_unless_told_otherwise(tmp_path):
         assert command[command.index("--head") + 1] == head
 
 
+def test_config_overrides_reach_our_child(tmp_path):
+    from bench import train_throughput as tt
+
+    args = tt.parse_args(["--child-dir", str(tmp_path), "--set", "embedding_grad_rows=false", "--set=seed=7"])
+    config = tt._load_config(args)
+    assert config.embedding_grad_rows is False and config.seed == 7
+    child = tt.parse_args(tt.child_command(args, "ours", "out.json", str(tmp_path))[1:])
+    assert child.set == ["embedding_grad_rows=false", "seed=7"]
+
+
+@pytest.mark.slow
+def test_config_ab_times_both_sides_on_the_same_batches(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndataset: {tiny_dataset_dir}\nmax_seq_len: 32\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "bench.config_ab", "--config", str(config), "--examples", "40",
+                           "--warmup", "1", "--repeats", "1", "--b", "matmul_bias_grad=false",
+                           "--json", str(tmp_path / "ab.json")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "ab.json").read_text())
+    assert result["b"] == ["matmul_bias_grad=false"] and result["a"] == []
+    assert [len(result["runs"][side]) for side in "AB"] == [1, 1]
+    assert result["runs"]["A"][0]["real_tokens"] == result["runs"]["B"][0]["real_tokens"] > 0
+    assert "B / A:" in done.stdout
+
+
 def test_gemm_libraries_follow_the_instruction_set_detected():
     from bench import gemm_floor
 

@@ -171,6 +171,20 @@ def test_cpu_stays_cpu_matmul_bias_grad_follows_the_device_in_use(tiny_model_dir
     assert len(installed) == (0 if simulated_gpu else 1)
 
 
+def test_only_cpu_workers_all_reduce_the_embedding_table_by_its_used_rows(monkeypatch):
+    # On GPUs NCCL all-reduces the dense table fast, and the rows would need the token ids on the host.
+    from pipeline import dist
+
+    built = []
+    monkeypatch.setattr(dist.EmbeddingRowSync, "for_model", classmethod(lambda cls, model: built.append(model) or cls))
+    assert dist.embedding_row_sync("model", enabled=True, on_gpu=False) is None  # one process: nothing to sync
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as under the launcher
+    assert dist.embedding_row_sync("model", enabled=True, on_gpu=True) is None
+    assert dist.embedding_row_sync("model", enabled=False, on_gpu=False) is None
+    assert dist.embedding_row_sync("model", enabled=True, on_gpu=False) is dist.EmbeddingRowSync
+    assert built == ["model"]
+
+
 # ---------------------------------------------------------------- 3. O2 does not crash at the end
 
 

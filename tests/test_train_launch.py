@@ -136,6 +136,45 @@ def test_two_worker_launch_with_the_crf_head(tiny_model_dir, tiny_dataset_dir, t
     assert len(digests) == 1  # the transitions were all-reduced like every other gradient
 
 
+def test_the_row_sync_takes_the_word_embedding_table_out_of_dataparallel(tiny_model_dir, monkeypatch):
+    import paddle
+
+    from pipeline import dist
+    from pipeline.labels import MSRA_LABELS
+    from pipeline.models import build_token_classifier, resolve_model
+
+    broadcast = []
+    monkeypatch.setattr(dist.dist, "broadcast", lambda tensor, src: broadcast.append(tensor.name))
+    model = build_token_classifier(resolve_model(str(tiny_model_dir)), MSRA_LABELS)
+    sync = dist.EmbeddingRowSync.for_model(model)
+    table = model.bert.embeddings.word_embeddings.weight
+    assert sync.weight is table and sync.vocab_size == table.shape[0]
+    assert getattr(table, "no_sync", False)  # DataParallel leaves it to the sync, which broadcast it itself
+    assert broadcast == [table.name]
+    assert not any(getattr(p, "no_sync", False) for p in model.parameters() if p is not table)
+    assert dist.EmbeddingRowSync.for_model(paddle.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_same_weights_when_only_the_used_embedding_rows_are_all_reduced(
+        tiny_model_dir, tiny_dataset_dir, tmp_path):
+    # DataParallel's dense all-reduce of the whole table against pipeline.dist.EmbeddingRowSync, with
+    # gradient accumulation, so that the used rows of two micro-batches per rank must be merged.
+    digests, logs = {}, {}
+    for rows in (False, True):
+        out_dir, log_dir = tmp_path / f"rows-{rows}", tmp_path / f"logs-{rows}"
+        run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
+             "train_dist.py", *overrides(tiny_model_dir, tiny_dataset_dir, out_dir, embedding_grad_rows=rows,
+                                         batch_size=4, grad_accum_steps=2, do_test=False)], log_hint=log_dir)
+        logs[rows] = (log_dir / "workerlog.0").read_text()
+        digests[rows] = {line.split()[-1] for rank in (0, 1) for line in
+                         (log_dir / f"workerlog.{rank}").read_text().splitlines() if "final weights sha256" in line}
+        assert len(digests[rows]) == 1, f"embedding_grad_rows={rows}: the ranks' weights differ"
+    assert "all-reduced by the rows the batches used" in logs[True]
+    assert "all-reduced by the rows" not in logs[False]
+    assert digests[True] == digests[False]
+
+
 @pytest.mark.slow
 def test_resume_with_another_worker_count_continues_after_the_windows_already_done(tiny_model_dir,
                                                                                     tiny_dataset_dir, tmp_path):
