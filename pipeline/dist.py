@@ -179,15 +179,18 @@ class EmbeddingRowSync:
         """Average the used rows of the table's gradient over ranks (collective), as DataParallel averages."""
         rows = np.flatnonzero(all_reduce_max(self._used))
         self._used[:] = 0
-        grad = self.weight.grad
-        if grad is None or rows.size == 0:
+        if rows.size == 0:  # every rank agrees on this: the mask was all-reduced
             return
+        grad = self.weight.grad
         index = paddle.to_tensor(rows.astype(np.int64))
         with paddle.no_grad():
-            used = paddle.gather(grad, index)
+            # A rank without a gradient still joins the collective, with zeros, so that none waits forever.
+            used = (paddle.gather(grad, index) if grad is not None
+                    else paddle.zeros([rows.size, *self.weight.shape[1:]], dtype=self.weight.dtype))
             dist.all_reduce(used)
-            used.scale_(1.0 / get_world_size())
-            grad.scatter_(index, used, overwrite=True)
+            if grad is not None:
+                used.scale_(1.0 / get_world_size())
+                grad.scatter_(index, used, overwrite=True)
 
 
 def embedding_row_sync(model: paddle.nn.Layer, enabled: bool, on_gpu: bool) -> EmbeddingRowSync | None:
