@@ -155,6 +155,32 @@ def test_the_row_sync_takes_the_word_embedding_table_out_of_dataparallel(tiny_mo
     assert dist.EmbeddingRowSync.for_model(paddle.nn.Linear(2, 2)) is None
 
 
+def test_the_row_sync_averages_the_used_rows_and_joins_the_collective_without_a_gradient(monkeypatch):
+    # One process standing in for rank 0 of 2 whose peer sent zeros: the all-reduce is the identity.
+    import numpy as np
+    import paddle
+
+    from pipeline import dist
+
+    sent = []
+    monkeypatch.setattr(dist.dist, "broadcast", lambda tensor, src: None)
+    monkeypatch.setattr(dist.dist, "all_reduce", lambda tensor: sent.append(tensor.shape))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    table = paddle.nn.Embedding(6, 3)
+    sync = dist.EmbeddingRowSync(table.weight)
+    sync.note_ids(paddle.to_tensor([[1, 4], [4, 1]]))
+    sync.all_reduce()  # no backward yet: still one all-reduce of the used rows, of zeros
+    assert sent == [[2, 3]]
+    sync.note_ids(paddle.to_tensor([[1, 4]]))
+    table(paddle.to_tensor([[1, 4]])).sum().backward()
+    dense = table.weight.grad.numpy().copy()
+    sync.all_reduce()
+    assert sent[-1] == [2, 3]
+    np.testing.assert_array_equal(table.weight.grad.numpy(), dense / 2)  # averaged; unused rows stay 0
+    sync.all_reduce()  # nothing noted since: the mask starts empty again, no rows to send
+    assert len(sent) == 2
+
+
 @pytest.mark.slow
 def test_two_workers_train_the_same_weights_when_only_the_used_embedding_rows_are_all_reduced(
         tiny_model_dir, tiny_dataset_dir, tmp_path):
