@@ -46,17 +46,6 @@ def side_args(args, overrides: list[str]):
                           *[f"--set={override}" for override in overrides]])
 
 
-def run_ours(side, name: str, workers: int) -> dict:
-    """One run of train_throughput's `ours` child with this side's overrides; its figures over all ranks."""
-    out = str(Path(side.workdir) / f"{name}.rank{{rank}}.json")
-    wall, log = tt.launch(side, name, tt.child_command(side, "ours", out, str(Path(side.workdir) / name)), workers)
-    ranks = [json.loads(Path(out.replace("{rank}", str(rank))).read_text()) for rank in range(max(workers, 1))]
-    run = dict(tt.combine_ranks(ranks), process_wall_seconds=wall, log=log)
-    print(f" {run['tokens_per_second']:.0f} real tok/s, {run['steps']} steps of {run['seconds_per_step']:.3f} s",
-          flush=True)
-    return run
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="config_ab-")
@@ -68,8 +57,7 @@ def main(argv=None) -> int:
     workers = args.workers if args.workers > 1 else 0
     for repeat in range(1, args.repeats + 1):
         for name, side in sides.items():
-            print(f"{name}:", end="", flush=True)
-            run = run_ours(side, f"r{repeat}_{name}", workers)
+            run = tt.run_side(side, "ours", repeat, workers, label=f"ours_{name}")
             if runs["A"] and (reason := tt.batches_differ(runs["A"][0], run)):
                 raise SystemExit(f"side {name} did not time the batches A did: {reason}")
             runs[name].append(run)

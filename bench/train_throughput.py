@@ -385,8 +385,9 @@ def combine_ranks(results: list[dict]) -> dict:
     return combined
 
 
-def run_side(args, side: str, repeat: int, workers: int = 0) -> dict:
-    name = f"r{repeat}_{side}" + (f"_x{workers}" if workers else "")
+def run_side(args, side: str, repeat: int, workers: int = 0, label: str | None = None) -> dict:
+    """One run of ``side``'s child; ``label`` (default: the side) names its logs and JSON."""
+    name = f"r{repeat}_{label or side}" + (f"_x{workers}" if workers else "")
     out = str(Path(args.workdir) / f"{name}.rank{{rank}}.json")
     child_dir = str(Path(args.workdir) / name)
     wall, log = launch(args, name, child_command(args, side, out, child_dir), workers)

@@ -173,7 +173,7 @@ class EmbeddingRowSync:
         return cls(embeddings.weight)
 
     def note_ids(self, input_ids: paddle.Tensor) -> None:
-        self._used[np.asarray(input_ids.numpy()).reshape(-1)] = 1
+        self._used[input_ids.numpy().reshape(-1)] = 1
 
     def all_reduce(self) -> None:
         """Average the used rows of the table's gradient over ranks (collective), as DataParallel averages."""
