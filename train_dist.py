@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     from pipeline import dist
     from pipeline.asset_cache import AssetError
-    from pipeline.checkpoint import CheckpointError, weights_digest
+    from pipeline.checkpoint import CheckpointError, TrainingStatesDifferError, weights_digest
     from pipeline.metrics import SCORE_KEYS
     from pipeline.models import (ModelUnavailableError, build_token_classifier, build_tokenizer,
                                  check_max_seq_len_fits, check_weights_available, resolve_model)
@@ -101,7 +101,11 @@ def main(argv=None) -> int:
         dist.shutdown()  # then `finally` releases the lock
         return RELAUNCH_EXIT_CODE
     except CheckpointError as error:  # a state that cannot be resumed or written: a relaunch would meet it again
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        if isinstance(error, TrainingStatesDifferError):
+            # Every rank stops here together: leave together too. Rank 0 hosts the rendezvous store, and
+            # exiting while a peer still holds a connection to it can abort the process (exit -6, not 2).
+            dist.shutdown()
         return 2
     finally:
         if lock is not None:

@@ -51,6 +51,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory that is incomplete or does not fit what is asked of it."""
 
 
+class TrainingStatesDifferError(CheckpointError):
+    """Ranks that see different training states to resume from. Every rank raises it at the same point,
+    right after the collective that compared them, so the ranks can leave together (``dist.shutdown``)."""
+
+
 class CheckpointWriteError(CheckpointError):
     """A checkpoint that could not be written (a full disk, a read-only or vanished directory)."""
 

@@ -23,10 +23,10 @@ from . import dist
 from .alignment import Aligner
 from .amp import APPLIED, LOSS_SCALE_OVERFLOW, AmpPolicy
 from .char_mapping import build_char_mapping
-from .checkpoint import (WEIGHTS_FILE, CheckpointError, TrainingProgress, add_metrics, latest_training_state,
-                         load_char_mapping, load_training_state, load_weights, own_rng_state, prune_training_states,
-                         resume_source, save_model_checkpoint, save_training_state, training_state_dir,
-                         training_state_step)
+from .checkpoint import (WEIGHTS_FILE, TrainingProgress, TrainingStatesDifferError, add_metrics,
+                         latest_training_state, load_char_mapping, load_training_state, load_weights, own_rng_state,
+                         prune_training_states, resume_source, save_model_checkpoint, save_training_state,
+                         training_state_dir, training_state_step)
 from .config import TrainConfig, save_config
 from .cpu_env import release_freed_memory
 from .engines import DynamicEngine
@@ -500,10 +500,10 @@ class Trainer:
         seen = dist.all_reduce_max(np.array([step, -step], dtype=np.int64))
         if seen[0] != -seen[1]:
             # Not worth a relaunch (train_dist.py exits 2): every rank would see the same files again.
-            raise CheckpointError(f"ranks see different training states under {self.output_dir} (newest step on "
-                                  f"any rank: {seen[0]}, this rank: {source or 'none'}); checkpoint_dir must be on "
-                                  f"storage every node shares to resume, or start afresh with resume=off "
-                                  f"overwrite=true")
+            raise TrainingStatesDifferError(
+                f"ranks see different training states under {self.output_dir} (newest step on any rank: "
+                f"{seen[0]}, this rank: {source or 'none'}); checkpoint_dir must be on storage every node shares "
+                f"to resume, or start afresh with resume=off overwrite=true")
         return source
 
     def _keep_char_mapping_of(self, source: Path):

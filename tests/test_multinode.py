@@ -149,12 +149,37 @@ def test_two_nodes_across_network_namespaces(two_hosts, tiny_model_dir, tiny_dat
     assert f"connected to {ADDRESSES[0]}" in node1_output, node1_output[-2000:]
 
 
+# train_dist.py as it is, except that pipeline.dist.shutdown says when it has torn the process group down.
+# (Paddle is imported before train_dist.py applies its CPU settings: harmless for this error path.)
+SAYS_WHEN_IT_LEAVES = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+from pipeline import dist
+
+real_shutdown = dist.shutdown
+
+def shutdown():
+    real_shutdown()
+    print("left the process group together with every rank", flush=True)
+
+dist.shutdown = shutdown
+sys.argv = ["train_dist.py", *sys.argv[1:]]
+runpy.run_path("train_dist.py", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_nodes_that_see_different_training_states_stop_with_one_line_and_exit_2(tiny_model_dir, tiny_dataset_dir,
                                                                                  tmp_path):
     """Storage that is not shared: node 0 has training states, node 1 none. The relaunch must stop on
-    both nodes with the reason in one line and exit 2, which launch/local.sh does not retry."""
+    both nodes with the reason in one line and exit 2, which launch/local.sh does not retry.
+
+    Both ranks must leave the process group together (barrier, then destroy) before they exit: rank 0
+    hosts the rendezvous store, and without it the job once ended with rank 0 aborting at exit (-6)
+    after printing the error. That race is rare; the test checks the teardown it needs."""
     out_dirs = [tmp_path / f"ckpt-node{rank}" for rank in (0, 1)]
+    says_when_it_leaves = tmp_path / "says_when_it_leaves.py"
+    says_when_it_leaves.write_text(SAYS_WHEN_IT_LEAVES)
 
     def job(name: str, **extra):
         port = free_port()
@@ -162,6 +187,8 @@ def test_nodes_that_see_different_training_states_stop_with_one_line_and_exit_2(
         commands = [node_command(rank, port, log_dirs[rank], overrides(tiny_model_dir, tiny_dataset_dir,
                                                                        out_dirs[rank], save_interval=2, **extra))
                     for rank in (0, 1)]
+        for command in commands:
+            command[command.index("train_dist.py")] = str(says_when_it_leaves)
         return run_nodes(commands), log_dirs
 
     results, _ = job("first", do_test=False)
@@ -173,4 +200,5 @@ def test_nodes_that_see_different_training_states_stop_with_one_line_and_exit_2(
         assert result.returncode == 2, f"node {rank} exited {result.returncode}\n{result.stdout[-2000:]}\n{log[-2000:]}"
         assert "ranks see different training states" in log and "newest step on any rank: 4" in log, log[-2000:]
         assert "Traceback" not in log, log[-3000:]
+        assert "left the process group together with every rank" in log, log[-2000:]
     assert not (out_dirs[0] / "run.lock").exists()  # rank 0 gave its lock back
