@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     bottom.plot([r["step"] for r in train], [r["loss"] for r in train], linewidth=0.8, label="training loss")
     bottom.set_yscale("log")
     bottom.set_xlabel("optimiser step")
-    bottom.set_ylabel("training loss (log scale: cross-entropy, or the CRF's negative log-likelihood)")
+    # Two lines: on one, the label is taller than its panel and runs into the upper panel's label.
+    bottom.set_ylabel("training loss, log scale\n(cross-entropy, or the CRF's negative log-likelihood)")
     bottom.grid(alpha=0.3)
     bottom.legend(loc="upper right")
     figure.suptitle(args.title or str(args.run_dir))
