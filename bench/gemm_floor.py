@@ -24,19 +24,19 @@ import time
 from pathlib import Path
 
 from bench import common
-from pipeline.cpu_env import MKL_AVX2_PATH, apply_cpu_settings, apply_cpu_thread_settings
+from pipeline.cpu_env import (MKL_AVX2_PATH, MKL_AVX512_PATH, MKL_XEON_PHI_PATH, apply_cpu_settings,
+                              apply_cpu_thread_settings)
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# MKL's AVX-512 path. It crashes in MKL's vector math on AMD (pipeline.cpu_env), not in its GEMM, so
+# MKL's Xeon Phi path crashes in MKL's vector math off Xeon Phi (pipeline.cpu_env), not in its GEMM, so
 # where the processor has AVX-512 it is still a GEMM this machine offers and is timed.
-MKL_AVX512_PATH = "6"
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 # OpenBLAS's kernel set for AVX-512 processors (DYNAMIC_ARCH builds accept it as OPENBLAS_CORETYPE).
 OPENBLAS_AVX512_CORE = "SkylakeX"
 # Every GEMM this module knows how to time; ``variants`` picks those that apply to this machine.
-VARIANT_NAMES = ("paddle_mkl", "paddle_mkl_own_path", "paddle_mkl_avx2", "paddle_mkl_avx512", "paddle_onednn",
-                 "numpy_openblas", "numpy_openblas_avx512")
+VARIANT_NAMES = ("paddle_mkl", "paddle_mkl_own_path", "paddle_mkl_avx2", "paddle_mkl_avx512",
+                 "paddle_mkl_xeon_phi", "paddle_onednn", "numpy_openblas", "numpy_openblas_avx512")
 
 
 # ====================================================================== the step's products
@@ -94,8 +94,10 @@ def variants(environ=os.environ, isa: str | None = None) -> dict[str, str]:
     if current != MKL_AVX2_PATH and isa in ("avx512", "avx2"):
         chosen["paddle_mkl_avx2"] = f"paddle.matmul (MKL), MKL_DEBUG_CPU_TYPE={MKL_AVX2_PATH}: MKL's AVX2 path"
     if current != MKL_AVX512_PATH and isa == "avx512":
-        chosen["paddle_mkl_avx512"] = (f"paddle.matmul (MKL), MKL_DEBUG_CPU_TYPE={MKL_AVX512_PATH}: MKL's AVX-512 "
-                                       f"path (its GEMM runs on AMD; its vector math does not)")
+        chosen["paddle_mkl_avx512"] = f"paddle.matmul (MKL), MKL_DEBUG_CPU_TYPE={MKL_AVX512_PATH}: MKL's AVX-512 path"
+    if current != MKL_XEON_PHI_PATH and isa == "avx512":
+        chosen["paddle_mkl_xeon_phi"] = (f"paddle.matmul (MKL), MKL_DEBUG_CPU_TYPE={MKL_XEON_PHI_PATH}: MKL's Xeon Phi "
+                                         f"path (its GEMM runs on AMD; its vector math does not)")
     # Paddle's dygraph matmul takes the CPU (MKL) kernel even with FLAGS_use_onednn=1 (its kernel key stays
     # CPU under GLOG_v=6): oneDNN's matmul is reached through Paddle Inference, as predict.py's engine does.
     chosen["paddle_onednn"] = "Paddle Inference with oneDNN (enable_onednn), one-matmul program"
@@ -116,6 +118,8 @@ def variant_environment(name: str, environ: dict) -> dict:
         env["MKL_DEBUG_CPU_TYPE"] = MKL_AVX2_PATH
     elif name == "paddle_mkl_avx512":
         env["MKL_DEBUG_CPU_TYPE"] = MKL_AVX512_PATH
+    elif name == "paddle_mkl_xeon_phi":
+        env["MKL_DEBUG_CPU_TYPE"] = MKL_XEON_PHI_PATH
     elif name.startswith("numpy_openblas"):
         # Unset for this measurement only: whatever a site profile sets must not pick a slower kernel.
         for variable in OPENBLAS_VARIABLES:

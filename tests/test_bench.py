@@ -300,8 +300,11 @@ def test_gemm_libraries_follow_the_instruction_set_detected():
 
     amd_avx2 = gemm_floor.variants({"MKL_DEBUG_CPU_TYPE": "5"}, isa="avx2")
     assert set(amd_avx2) == {"paddle_mkl", "paddle_mkl_own_path", "paddle_onednn", "numpy_openblas"}
-    amd_avx512 = gemm_floor.variants({"MKL_DEBUG_CPU_TYPE": "5"}, isa="avx512")
-    assert {"paddle_mkl_avx512", "numpy_openblas_avx512"} <= set(amd_avx512)
+    amd_avx512 = gemm_floor.variants({"MKL_DEBUG_CPU_TYPE": "7"}, isa="avx512")
+    assert {"paddle_mkl_avx2", "paddle_mkl_xeon_phi", "numpy_openblas_avx512"} <= set(amd_avx512)
+    assert "paddle_mkl_avx512" not in amd_avx512  # training's own path, timed as "paddle_mkl"
+    assert gemm_floor.variant_environment("paddle_mkl_xeon_phi", {"MKL_DEBUG_CPU_TYPE": "7"}) == {
+        "MKL_DEBUG_CPU_TYPE": "6"}
     intel = gemm_floor.variants({}, isa="avx512")  # MKL's own choice already: no "unset" variant to add
     assert "paddle_mkl_own_path" not in intel and "paddle_mkl_avx2" in intel
     env = gemm_floor.variant_environment("numpy_openblas", {"OMP_NUM_THREADS": "2", "OPENBLAS_CORETYPE": "Haswell",
@@ -406,5 +409,6 @@ def test_every_gemm_variant_chosen_is_one_the_child_knows():
     from bench import gemm_floor
 
     for isa in ("avx512", "avx2", "older"):
-        for environ in ({}, {"MKL_DEBUG_CPU_TYPE": "5"}, {"MKL_DEBUG_CPU_TYPE": "6"}):
+        for environ in ({}, {"MKL_DEBUG_CPU_TYPE": "5"}, {"MKL_DEBUG_CPU_TYPE": "6"},
+                        {"MKL_DEBUG_CPU_TYPE": "7"}):
             assert set(gemm_floor.variants(environ, isa=isa)) <= set(gemm_floor.VARIANT_NAMES)

@@ -29,7 +29,8 @@ AVX512 = AVX2_ONLY | frozenset("avx512f avx512dq avx512ifma avx512cd avx512bw av
 
 
 @pytest.mark.parametrize("vendor, flags, expected", [
-    ("AuthenticAMD", AVX512, "5"),  # MKL's AVX-512 path (6) dies with SIGILL off Intel: AVX2 there too
+    ("AuthenticAMD", AVX512, "7"),  # MKL's AVX-512 path for Xeons, not its Xeon Phi one (6: SIGILL off Phi)
+    ("AuthenticAMD", AVX2_ONLY | {"avx512f"}, "5"),  # AVX-512 F alone is not what that path needs
     ("AuthenticAMD", AVX2_ONLY, "5"),  # its AVX2 path
     ("AuthenticAMD", frozenset({"sse2", "avx"}), None),  # no AVX2: MKL's own choice
     ("GenuineIntel", AVX512, None),  # Intel: MKL picks its best path itself
@@ -49,13 +50,13 @@ def test_the_users_mkl_path_wins_over_the_detected_one(monkeypatch):
     monkeypatch.setattr(cpu_env, "_cpu_vendor", lambda: "AuthenticAMD")
     monkeypatch.setattr(cpu_env, "cpu_flags", lambda: AVX512)
     detected = {}
-    assert apply_cpu_thread_settings(detected)["MKL_DEBUG_CPU_TYPE"] == "5"
-    environ = {"MKL_DEBUG_CPU_TYPE": "7"}
+    assert apply_cpu_thread_settings(detected)["MKL_DEBUG_CPU_TYPE"] == "7"
+    environ = {"MKL_DEBUG_CPU_TYPE": "5"}
     assert "MKL_DEBUG_CPU_TYPE" not in apply_cpu_thread_settings(environ)
-    assert environ["MKL_DEBUG_CPU_TYPE"] == "7"
+    assert environ["MKL_DEBUG_CPU_TYPE"] == "5"
 
 
-def test_the_avx512_path_is_left_to_the_user_with_a_warning_on_amd(monkeypatch, capsys):
+def test_the_xeon_phi_path_is_left_to_the_user_with_a_warning_on_amd(monkeypatch, capsys):
     import pipeline.cpu_env as cpu_env
 
     monkeypatch.setattr(cpu_env, "_cpu_vendor", lambda: "AuthenticAMD")
@@ -80,6 +81,39 @@ def test_this_machines_flags_are_read():
     assert "sse2" in flags, sorted(flags)[:20]  # every x86-64 processor has it
     assert instruction_set(flags) in ("avx512", "avx2", "older")
     assert instruction_set(AVX512) == "avx512" and instruction_set(AVX2_ONLY) == "avx2"
+
+
+VECTOR_MATH_ON_THE_CHOSEN_PATH = """
+import ctypes, json, os
+from pipeline.cpu_env import apply_cpu_settings
+apply_cpu_settings()
+import paddle
+import paddle.nn.functional as F
+x = paddle.rand([64, 300]) + 0.5
+x.stop_gradient = False
+# MKL's vector math is behind Paddle's float32 division, exp, log, tanh, erf and sqrt on CPU: the Xeon Phi
+# path dies on the first of them on AMD. The CRF's log-sum-exp and the encoder's GELU, softmax and layer
+# norm, forward and backward, are what training runs.
+y = x / (x + 1) + paddle.exp(x) + paddle.log(x) + paddle.tanh(x) + paddle.erf(x) + paddle.sqrt(x)
+y = F.gelu(y) + F.softmax(y) + F.layer_norm(y, [300]) + paddle.logsumexp(y, axis=-1, keepdim=True)
+(y.sum() + paddle.matmul(x, x.T).mean()).backward()
+assert bool(paddle.isfinite(x.grad).all())
+library = os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so")
+detect = ctypes.CDLL(library).mkl_serv_cpu_detect if os.path.exists(library) else None
+print(json.dumps({"requested": os.environ.get("MKL_DEBUG_CPU_TYPE"), "mkl_path": detect() if detect else None}))
+"""
+
+
+def test_the_path_chosen_for_this_processor_runs_trainings_vector_math_and_is_the_one_mkl_takes():
+    """On this machine, whatever it is: the chosen path must not die in MKL's vector math, and MKL must obey it."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DEBUG_CPU_TYPE"}
+    env["PYTHONPATH"] = ROOT
+    done = subprocess.run([sys.executable, "-c", VECTOR_MATH_ON_THE_CHOSEN_PATH], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-1500:]}"
+    reported = json.loads(done.stdout.strip().splitlines()[-1])
+    if reported["requested"] is not None and reported["mkl_path"] is not None:
+        assert reported["mkl_path"] == int(reported["requested"]), reported
 
 
 def test_users_own_settings_win():
