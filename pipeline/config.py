@@ -121,6 +121,10 @@ class TrainConfig:
     matmul_bias_grad: bool = _doc(
         "On CPU in float32, compute Linear layers' bias gradients as a matmul instead of Paddle's row reduction, "
         "which is slower than the layer's own matmuls (pipeline/linear_grad.py); same outputs.", True)
+    dropout_masks_from_integers: bool = _doc(
+        "On CPU in float32, draw dropout masks as 24-bit random integers from Paddle's generator instead of "
+        "Paddle's CPU dropout kernel, which draws a float per element on one thread (pipeline/dropout_masks.py). "
+        "Same drop probability (to 2**-24) and scaling; other draws, so other masks than with it off.", True)
     embedding_grad_rows: bool = _doc(
         "On CPU with several workers, all-reduce only the rows of the word-embedding gradient that some "
         "worker's batch used (the other rows are zero on every worker) instead of the whole table, which is "

@@ -34,6 +34,7 @@ from .evaluation import evaluate, write_predictions
 from .files import write_json
 from .heads import token_loss
 from .labeller import TokenLabeller
+from .dropout_masks import install_dropout_masks_from_integers, uninstall_from_attention
 from .linear_grad import install_matmul_bias_grad
 from .loader import build_train_loader
 from .metrics import SCORE_KEYS
@@ -225,6 +226,10 @@ class Trainer:
         if config.matmul_bias_grad and not on_gpu() and not self.amp.enabled:  # the device in use, not the flag
             # Before to_static traces the forward, so the traced program has the matmul form.
             install_matmul_bias_grad(self.model)
+        if config.dropout_masks_from_integers and not on_gpu() and not self.amp.enabled:
+            install_dropout_masks_from_integers(self.model)  # before to_static traces the forward, too
+        else:
+            uninstall_from_attention()  # an earlier trainer of this process may have installed it
         self.model, self.optimizer = self.amp.decorate(self.model, self.optimizer)
         # Before DataParallel is built: it takes the table out of DataParallel's all-reduce.
         self.embedding_sync = dist.embedding_row_sync(self.model, config.embedding_grad_rows, on_gpu())
