@@ -72,5 +72,5 @@ def install_dropout_masks_from_integers(model) -> int:
 
 
 def uninstall_from_attention() -> None:
-    """Give Paddle's attention its own dropout back (for tests; layers keep theirs)."""
+    """Give Paddle's attention its own dropout back: the trainer, when this is off, and tests (layers keep theirs)."""
     paddle_transformer.F = F
