@@ -125,6 +125,10 @@ class TrainConfig:
         "On CPU in float32, draw dropout masks as 24-bit random integers from Paddle's generator instead of "
         "Paddle's CPU dropout kernel, which draws a float per element on one thread (pipeline/dropout_masks.py). "
         "Same drop probability (to 2**-24) and scaling; other draws, so other masks than with it off.", True)
+    native_layer_norm: bool = _doc(
+        "On CPU in float32, train with our C++ layer norm (compiled once per machine with g++; Paddle's is used "
+        "where it cannot be built) instead of Paddle's CPU kernels, which are about five times slower "
+        "(pipeline/native_layer_norm.py). Same formula; sums in another order. Evaluation uses Paddle's.", True)
     embedding_grad_rows: bool = _doc(
         "On CPU with several workers, all-reduce only the rows of the word-embedding gradient that some "
         "worker's batch used (the other rows are zero on every worker) instead of the whole table, which is "

@@ -36,6 +36,7 @@ from .heads import token_loss
 from .labeller import TokenLabeller
 from .dropout_masks import install_dropout_masks_from_integers, uninstall_from_attention
 from .linear_grad import install_matmul_bias_grad
+from .native_layer_norm import install_native_layer_norm
 from .loader import build_train_loader
 from .metrics import SCORE_KEYS
 from .models import token_logits
@@ -230,6 +231,11 @@ class Trainer:
             install_dropout_masks_from_integers(self.model)  # before to_static traces the forward, too
         else:
             uninstall_from_attention()  # an earlier trainer of this process may have installed it
+        if config.native_layer_norm and not on_gpu() and not self.amp.enabled:
+            layer_norms = install_native_layer_norm(self.model)  # before to_static traces; 0 without a build
+            if self.is_main and layer_norms:
+                logger.info("layer norm: our C++ operator in %d layers while training (pipeline/native_layer_norm.py)",
+                            layer_norms)
         self.model, self.optimizer = self.amp.decorate(self.model, self.optimizer)
         # Before DataParallel is built: it takes the table out of DataParallel's all-reduce.
         self.embedding_sync = dist.embedding_row_sync(self.model, config.embedding_grad_rows, on_gpu())

@@ -159,19 +159,21 @@ def test_cpu_stays_cpu_thread_and_malloc_settings_follow_the_device_found(monkey
 
 
 @pytest.mark.parametrize("simulated_gpu", [False, True])
-def test_cpu_stays_cpu_matmul_bias_grad_and_dropout_masks_follow_the_device_in_use(
+def test_cpu_stays_cpu_matmul_bias_grad_dropout_masks_and_layer_norm_follow_the_device_in_use(
         tiny_model_dir, tiny_dataset_dir, tmp_path, monkeypatch, simulated_gpu):
     import pipeline.trainer as trainer_module
 
-    installed, dropout_masks, restored = [], [], []
+    installed, dropout_masks, layer_norms, restored = [], [], [], []
     monkeypatch.setattr(trainer_module, "on_gpu", lambda: simulated_gpu)
     monkeypatch.setattr(trainer_module, "install_matmul_bias_grad", installed.append)
     # On a GPU Paddle's dropout kernel is fast: the integer-drawn masks are a CPU measure.
     monkeypatch.setattr(trainer_module, "install_dropout_masks_from_integers", dropout_masks.append)
     monkeypatch.setattr(trainer_module, "uninstall_from_attention", lambda: restored.append(True))
+    # Our C++ layer norm is a CPU kernel: on a GPU the model keeps Paddle's.
+    monkeypatch.setattr(trainer_module, "install_native_layer_norm", layer_norms.append)
     trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path, to_static=False, use_gpu="auto")
     trainer._prepare()
-    assert len(installed) == len(dropout_masks) == (0 if simulated_gpu else 1)
+    assert len(installed) == len(dropout_masks) == len(layer_norms) == (0 if simulated_gpu else 1)
     assert restored == ([True] if simulated_gpu else [])
 
 
