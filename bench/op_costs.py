@@ -70,6 +70,18 @@ def main(argv=None) -> int:
     def linear_forward_and_grad(layer):
         return lambda: paddle.grad([layer(linear_in)], [linear_in, layer.weight, layer.bias], [inner_grad])
 
+    from pipeline import native_layer_norm
+
+    normed = paddle.randn([b, s, h])
+    normed.stop_gradient = False
+    norm_weight, norm_bias = paddle.rand([h]) + 0.5, paddle.randn([h])
+    norm_weight.stop_gradient = norm_bias.stop_gradient = False
+    normed_grad = paddle.randn([b, s, h])
+
+    def layer_norm_forward_and_grad(layer_norm):
+        return lambda: paddle.grad([layer_norm(normed, norm_weight, norm_bias, 1e-12)],
+                                   [normed, norm_weight, norm_bias], [normed_grad])
+
     rows = [
         (f"matmul [{b * s},{h}] @ [{h},{i}] (FFN in, forward)", lambda: paddle.matmul(flat, weight)),
         ("Linear (FFN in), forward + backward, Paddle's", linear_forward_and_grad(ffn_in)),
@@ -85,7 +97,12 @@ def main(argv=None) -> int:
         (f"dropout 0.1 attention probabilities [{b},{args.heads},{s},{s}]",
          lambda: F.dropout(scores, 0.1, training=True)),
         (f"layer norm [{b},{s},{h}]", lambda: F.layer_norm(hidden, h)),
+        ("layer norm, forward + backward, Paddle's",
+         layer_norm_forward_and_grad(lambda x, w, bias, eps: F.layer_norm(x, x.shape[-1], w, bias, eps))),
     ]
+    if native_layer_norm.native_ops() is not None:  # built (or loaded) here, before any timing
+        rows.append(("layer norm, forward + backward, our C++ operator (pipeline/native_layer_norm.py)",
+                     layer_norm_forward_and_grad(native_layer_norm.layer_norm)))
     print(f"threads: {applied or 'as set in the environment'}")
     for name, function in rows:
         print(f"{per_call_ms(function, args.reps):8.2f} ms  {name}")

@@ -3,10 +3,12 @@
     python -m bench.step_profile [--batch 16] [--seq 46] [--steps 5]
     NERPIPE_MALLOC=default python -m bench.step_profile      # without cpu_env's malloc setting
     python -m bench.step_profile --no-matmul-bias-grad       # Paddle's own Linear bias gradient
+    python -m bench.step_profile --paddle-dropout-and-layer-norm   # Paddle's own dropout and layer norm
 
 One process, the same CPU settings as training (pipeline.cpu_env), the offline
 m3e-small token classifier, a random batch of the given shape, the forward
-through paddle.jit.to_static as the trainer runs it, AdamW; 3 warm-up steps,
+through paddle.jit.to_static as the trainer runs it with its CPU measures
+(matmul bias gradients, integer-drawn dropout masks, our layer norm), AdamW; 3 warm-up steps,
 then --steps profiled. Prints the profiler's per-operator summary (sorted by
 total CPU time); divide by --steps for per-step figures. BENCHMARKS.md quotes it.
 """
@@ -28,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up steps)")
     parser.add_argument("--model", default="m3e-small", help="model name or directory (default: m3e-small)")
     parser.add_argument("--no-matmul-bias-grad", action="store_true", help="leave Paddle's Linear as it is")
+    parser.add_argument("--paddle-dropout-and-layer-norm", action="store_true",
+                        help="leave Paddle's dropout and layer norm kernels (the trainer replaces both on CPU)")
     args = parser.parse_args(argv)
     print(f"cpu settings: {apply_cpu_settings()}")
     import paddle
@@ -35,7 +39,9 @@ def main(argv=None) -> int:
 
     from pipeline.amp import AmpPolicy
     from pipeline.config import TrainConfig
+    from pipeline.dropout_masks import install_dropout_masks_from_integers
     from pipeline.linear_grad import install_matmul_bias_grad
+    from pipeline.native_layer_norm import install_native_layer_norm
     from pipeline.models import build_token_classifier, resolve_model
     from pipeline.trainer import LossOfBatch
 
@@ -44,6 +50,10 @@ def main(argv=None) -> int:
     model.train()
     if not args.no_matmul_bias_grad:
         print(f"matmul bias gradients in {install_matmul_bias_grad(model)} Linear layers")
+    if not args.paddle_dropout_and_layer_norm:  # as the trainer does on CPU in float32
+        print(f"integer-drawn dropout masks in {install_dropout_masks_from_integers(model)} Dropout layers "
+              "and the attention; our C++ layer norm in "
+              f"{install_native_layer_norm(model)} LayerNorm layers")
     vocab = next(layer for layer in model.sublayers() if isinstance(layer, paddle.nn.Embedding)).weight.shape[0]
     input_ids = paddle.randint(min(100, vocab // 2), vocab, [args.batch, args.seq])  # no special tokens
     labels = paddle.randint(0, len(LABELS), [args.batch, args.seq])

@@ -91,16 +91,18 @@ def test_a_workers_forked_child_is_not_counted_as_another_worker():
         worker.wait()
 
 
-def test_op_costs_times_every_kernel_including_both_linears():
+def test_op_costs_times_every_kernel_including_both_linears_and_both_layer_norms():
     import re
 
     out = subprocess.run([sys.executable, "-m", "bench.op_costs", "--batch", "2", "--seq", "3", "--hidden", "8",
                           "--intermediate", "16", "--heads", "2", "--reps", "1"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     timed = dict((name, float(ms)) for ms, name in re.findall(r"^\s*([\d.]+) ms  (.+)$", out, re.MULTILINE))
-    assert len(timed) == 12 and all(ms >= 0 for ms in timed.values()), out
+    assert len(timed) == 14 and all(ms >= 0 for ms in timed.values()), out
     assert "Linear (FFN in), forward + backward, Paddle's" in timed
     assert any("bias gradient as a matmul" in name for name in timed)
+    assert "layer norm, forward + backward, Paddle's" in timed
+    assert any("our C++ operator" in name for name in timed)
 
 
 def test_step_profile_prints_the_operators_of_a_training_step(tiny_model_dir, tmp_path):
@@ -109,6 +111,7 @@ def test_step_profile_prints_the_operators_of_a_training_step(tiny_model_dir, tm
                           "--seq", "5", "--steps", "1"], capture_output=True, text=True, check=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert "matmul bias gradients in 14 Linear layers" in out  # 2 layers x 6, the pooler, the classifier
+    assert "dropout masks in 8 Dropout layers and the attention; our C++ layer norm in 5 LayerNorm layers" in out
     summary = out[out.index("Operator Summary"):]
     assert "Global_MatmulGradNode" in summary or "matmul_grad" in summary, summary[:2000]
 
