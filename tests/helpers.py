@@ -263,6 +263,12 @@ def overrides(model_dir, data_dir, out_dir, **extra) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
 
 
+def every_layer_runs(model, layer_type, forward) -> bool:
+    """Whether ``model`` has layers of exactly ``layer_type`` and each has ``forward`` installed as its forward."""
+    layers = [layer for layer in model.sublayers() if type(layer) is layer_type]
+    return bool(layers) and all(getattr(layer.forward, "__func__", None) is forward for layer in layers)
+
+
 def make_trainer(model_dir, data_dir, out_dir, **overrides):
     """A ``Trainer`` of the tiny model on the tiny corpus, built the way train_dist.py builds one."""
     import paddle

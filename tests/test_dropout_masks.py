@@ -7,7 +7,7 @@ import paddle.nn.functional as F
 import pytest
 from paddle.nn.layer import transformer as paddle_transformer
 
-from helpers import make_trainer
+from helpers import every_layer_runs, make_trainer
 from pipeline import dropout_masks
 from pipeline.dropout_masks import install_dropout_masks_from_integers, uninstall_from_attention
 from pipeline.models import build_token_classifier, resolve_model
@@ -124,9 +124,7 @@ def test_a_model_trains_through_it_eager_and_to_static_with_varying_shapes(tiny_
 
 
 def _uses_it(model) -> bool:
-    dropouts = [layer for layer in model.sublayers() if type(layer) is paddle.nn.Dropout]
-    return bool(dropouts) and all(getattr(layer.forward, "__func__", None) is dropout_masks._dropout_layer_forward
-                                  for layer in dropouts)
+    return every_layer_runs(model, paddle.nn.Dropout, dropout_masks._dropout_layer_forward)
 
 
 def test_the_trainer_uses_it_on_cpu_float32_only_when_asked(tiny_model_dir, tiny_dataset_dir, tmp_path):

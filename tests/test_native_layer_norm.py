@@ -12,7 +12,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from helpers import make_trainer
+from helpers import every_layer_runs, make_trainer
 from pipeline import native_layer_norm
 from pipeline.models import build_token_classifier, resolve_model
 
@@ -135,9 +135,7 @@ def test_a_model_trains_through_it_like_through_paddles_eager_and_to_static(tiny
 
 
 def _uses_it(model) -> bool:
-    norms = [layer for layer in model.sublayers() if type(layer) is paddle.nn.LayerNorm]
-    return bool(norms) and all(getattr(layer.forward, "__func__", None) is native_layer_norm._layer_norm_forward
-                               for layer in norms)
+    return every_layer_runs(model, paddle.nn.LayerNorm, native_layer_norm._layer_norm_forward)
 
 
 def test_the_trainer_uses_it_on_cpu_float32_only_when_asked(tiny_model_dir, tiny_dataset_dir, tmp_path):
