@@ -6,9 +6,9 @@ Paddle 3.3.1's CPU ``layer_norm`` and ``layer_norm_grad`` kernels take 2.2 ms to
 variance, epsilon inside the root); sums in another order, so outputs differ in the last bits.
 
 The operator is compiled once per machine and source with ``paddle.utils.cpp_extension`` (g++, about
-20 s) into ``$XDG_CACHE_HOME/nerpipe/native/<key>`` (``~/.cache`` by default). The key covers the source, the
-flags, Paddle's version and the processor's instruction sets, since the code is built for the processor
-that builds it (a cache shared by different machines gets one build each). Workers that start together
+20 s) into ``native/<key>`` of the asset cache (``$NERPIPE_HOME``, else ``~/.cache/nerpipe``). The key
+covers the source, the flags, Paddle's version and the processor's instruction sets, since the code is
+built for the processor that builds it (a cache shared by different machines gets one build each). Workers that start together
 take a file lock, so one compiles and the others load its build. Without a compiler, or if the build
 fails, training warns once and keeps Paddle's layer norm.
 
@@ -19,15 +19,17 @@ weights, exported programs and predict.py do not depend on the operator.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import types
 from pathlib import Path
 
+import filelock
 import paddle
 from paddle import nn
+
+from .asset_cache import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +56,14 @@ def build_directory() -> Path:
                  _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "nerpipe" / "native" / key.hexdigest()[:16]
+    return default_cache_dir() / "native" / key.hexdigest()[:16]
 
 
 def _build_and_load(directory: Path):
     from paddle.utils.cpp_extension import load
 
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker compiles; the others wait, then load its build
+    with filelock.FileLock(directory / "build.lock"):  # the first worker compiles; the others wait, then load its build
         if not (directory / "built").exists():
             logger.info("compiling the native layer norm into %s (once per machine, about 20 s)", directory)
         module = load(name="nerpipe_layer_norm", sources=[str(SOURCE)], extra_cxx_cflags=CXX_FLAGS,

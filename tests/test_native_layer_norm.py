@@ -167,9 +167,9 @@ def test_without_a_build_it_warns_once_and_leaves_paddles_layer_norm(tiny_model_
 
 
 def test_the_build_is_keyed_by_source_and_processor(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("NERPIPE_HOME", str(tmp_path))
     here = native_layer_norm.build_directory()
-    assert here.parent == tmp_path / "nerpipe" / "native"
+    assert here.parent == tmp_path / "native"
     monkeypatch.setattr(native_layer_norm, "_cpu_flags", lambda: "fpu sse sse2 avx2")
     elsewhere = native_layer_norm.build_directory()
     assert elsewhere != here
@@ -194,7 +194,7 @@ print(float((y - expected).abs().max()))
 @pytest.mark.slow
 def test_workers_starting_together_share_one_build(tmp_path):
     """Two processes with an empty cache: one compiles, the other waits on the lock and loads the build."""
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    env = dict(os.environ, NERPIPE_HOME=str(tmp_path), OMP_NUM_THREADS="1")
     code = CONCURRENT_LOAD.format(root=str(ROOT))
     workers = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -202,6 +202,6 @@ def test_workers_starting_together_share_one_build(tmp_path):
         out, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, err[-2000:]
         assert float(out.strip().splitlines()[-1]) < 1e-5
-    builds = list((tmp_path / "nerpipe" / "native").iterdir())
+    builds = list((tmp_path / "native").iterdir())
     assert len(builds) == 1 and (builds[0] / "built").exists()
     assert len(list(builds[0].rglob("*.so"))) == 1
