@@ -127,7 +127,7 @@ class TrainConfig:
         "Same drop probability (to 2**-24) and scaling; other draws, so other masks than with it off.", True)
     native_layer_norm: bool = _doc(
         "On CPU in float32, train with our C++ layer norm (compiled once per machine with g++; Paddle's is used "
-        "where it cannot be built) instead of Paddle's CPU kernels, which are about five times slower "
+        "where it cannot be built) instead of Paddle's CPU kernels, which are about ten times slower "
         "(pipeline/native_layer_norm.py). Same formula; sums in another order. Evaluation uses Paddle's.", True)
     embedding_grad_rows: bool = _doc(
         "On CPU with several workers, all-reduce only the rows of the word-embedding gradient that some "

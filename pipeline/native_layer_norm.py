@@ -1,16 +1,17 @@
 """Layer normalisation from our own C++ operator, for CPU training in float32.
 
-Paddle 3.3.1's CPU ``layer_norm`` and ``layer_norm_grad`` kernels take 2.2 ms together for one
-[592, 512] activation on the machines we measure, nine calls a training step of m3e-small; the loops of
-``native/layer_norm.cc`` take about 0.4 ms (BENCHMARKS.md, 2026-12-08). Same formula as Paddle's (biased
-variance, epsilon inside the root); sums in another order, so outputs differ in the last bits.
+Paddle 3.3.1's CPU ``layer_norm`` and ``layer_norm_grad`` kernels take 2.69 ms together for one
+[16, 46, 512] activation on the machines we measure, nine calls a training step of m3e-small; the loops of
+``native/layer_norm.cc`` take 0.24 ms (``python -m bench.op_costs``; BENCHMARKS.md, 2026-12-08). Same
+formula as Paddle's (biased variance, epsilon inside the root); sums in another order, so outputs differ
+in the last bits.
 
 The operator is compiled once per machine and source with ``paddle.utils.cpp_extension`` (g++, about
 20 s) into ``native/<key>`` of the asset cache (``$NERPIPE_HOME``, else ``~/.cache/nerpipe``). The key
 covers the source, the flags, Paddle's version and the processor's instruction sets, since the code is
-built for the processor that builds it (a cache shared by different machines gets one build each). Workers that start together
-take a file lock, so one compiles and the others load its build. Without a compiler, or if the build
-fails, training warns once and keeps Paddle's layer norm.
+built for the processor that builds it (a cache shared by different machines gets one build each).
+Workers that start together take a file lock, so one compiles and the others load its build. Without a
+compiler, or if the build fails, training warns once and keeps Paddle's layer norm.
 
 Installed by the trainer for CPU float32 training only (``native_layer_norm``): every ``nn.LayerNorm`` of
 the model over one dimension, with weight and bias, gets a forward that uses the operator in training

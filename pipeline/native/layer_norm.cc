@@ -1,7 +1,7 @@
 // Layer normalisation over the last dimension, float32 on CPU, forward and backward, for training.
 //
-// Paddle 3.3.1's CPU layer_norm and layer_norm_grad kernels take 2.2 ms for one [592, 512] activation
-// on the EPYCs we measure; these loops take about 0.4 ms (BENCHMARKS.md, 2026-12-08). Built and loaded
+// Paddle 3.3.1's CPU layer_norm and layer_norm_grad kernels take 2.69 ms for one [16, 46, 512] activation
+// on the EPYCs we measure; these loops take 0.24 ms (BENCHMARKS.md, 2026-12-08). Built and loaded
 // by pipeline/native_layer_norm.py, which also says when it is used.
 //
 // Per row of n values: mean m, rstd = 1 / sqrt(var + eps) with the biased variance (as Paddle computes
