@@ -224,15 +224,17 @@ class Trainer:
         self.progress.windows_per_batch = config.batch_size * dist.get_world_size()
         # On CPU a host read of a tensor waits for nothing; on a GPU it waits for the queued work (clipping).
         self.host_reads_are_free = not on_gpu()
-        if config.matmul_bias_grad and not on_gpu() and not self.amp.enabled:  # the device in use, not the flag
-            # Before to_static traces the forward, so the traced program has the matmul form.
+        # The CPU measures below: float32 training on the device in use (not the use_gpu flag), each
+        # installed before to_static traces the forward, so the traced program has them.
+        cpu_float32 = not on_gpu() and not self.amp.enabled
+        if config.matmul_bias_grad and cpu_float32:
             install_matmul_bias_grad(self.model)
-        if config.dropout_masks_from_integers and not on_gpu() and not self.amp.enabled:
-            install_dropout_masks_from_integers(self.model)  # before to_static traces the forward, too
+        if config.dropout_masks_from_integers and cpu_float32:
+            install_dropout_masks_from_integers(self.model)
         else:
             uninstall_from_attention()  # an earlier trainer of this process may have installed it
-        if config.native_layer_norm and not on_gpu() and not self.amp.enabled:
-            layer_norms = install_native_layer_norm(self.model)  # before to_static traces; 0 without a build
+        if config.native_layer_norm and cpu_float32:
+            layer_norms = install_native_layer_norm(self.model)  # 0 without a build
             if self.is_main and layer_norms:
                 logger.info("layer norm: our C++ operator in %d layers while training (pipeline/native_layer_norm.py)",
                             layer_norms)
