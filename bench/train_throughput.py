@@ -221,6 +221,22 @@ def child_ours(args) -> dict:
             float(grads[0])
             times.append(time.perf_counter() - start)
         result["allreduce_seconds"] = times[1:]  # the first one sets up buffers
+        sync = trainer.gradient_sync  # pipeline.shared_memory_sync, where the run used it
+        if sync is not None:
+            gloo, shared = [], []
+            dense = paddle.ones([sync.values], dtype="float32")
+            for _ in range(args.allreduce_reps + 1):
+                dist.barrier()
+                start = time.perf_counter()
+                pdist.all_reduce(dense)
+                float(dense[0])
+                gloo.append(time.perf_counter() - start)
+                dist.barrier()
+                start = time.perf_counter()
+                sync.all_reduce()
+                shared.append(time.perf_counter() - start)
+            result["dense_gradient_values"] = sync.values
+            result["dense_allreduce_seconds"] = {"gloo": gloo[1:], "shared_memory": shared[1:]}
     dist.shutdown()
     return result
 
@@ -382,6 +398,11 @@ def combine_ranks(results: list[dict]) -> dict:
     allreduce = [t for r in results for t in r.get("allreduce_seconds", [])]
     if allreduce:
         combined["allreduce_seconds"] = statistics.median(allreduce)
+    for way in ("gloo", "shared_memory"):
+        dense = [t for r in results for t in r.get("dense_allreduce_seconds", {}).get(way, [])]
+        if dense:
+            combined[f"dense_{way}_seconds"] = statistics.median(dense)
+            combined["dense_gradient_values"] = results[0]["dense_gradient_values"]
     return combined
 
 
@@ -398,6 +419,10 @@ def run_side(args, side: str, repeat: int, workers: int = 0, label: str | None =
           f"computed), {combined['steps']} steps of {combined['seconds_per_step']:.2f} s, padding "
           f"{100 * combined['padding']:.1f}%, peak RSS {combined['peak_rss_mib']:.0f} MiB (process {wall:.0f} s)",
           flush=True)
+    if "dense_shared_memory_seconds" in combined:
+        print(f"    all-reduce of its {combined['dense_gradient_values'] / 1e6:.1f}M dense gradients: gloo "
+              f"{combined['dense_gloo_seconds']:.3f} s, shared memory {combined['dense_shared_memory_seconds']:.3f} s",
+              flush=True)
     return combined
 
 
@@ -418,7 +443,8 @@ def batches_differ(reference: dict, other: dict) -> str | None:
 def side_summary(runs: list[dict]) -> dict:
     return {key: common.summary([r.get(key) for r in runs])
             for key in ("tokens_per_second", "computed_tokens_per_second", "seconds_per_step", "padding",
-                        "peak_rss_mib", "allreduce_seconds", "steps")}
+                        "peak_rss_mib", "allreduce_seconds", "dense_gloo_seconds", "dense_shared_memory_seconds",
+                        "steps")}
 
 
 def _median(summary: dict | None, key: str):
@@ -599,6 +625,11 @@ def scaling_explanation(one: dict, two: dict) -> str:
                  f"{params * 4 / 2**20:.0f} MiB): one all-reduce of that size took {ar:.3f} s, {100 * ar / s2:.0f}% "
                  f"of the 2-worker step, leaving ~{s2 - ar:.2f} s of compute (an estimate: DataParallel sends the "
                  f"gradients in buckets during backward).")
+    shared = two["dense_shared_memory_seconds"]["median"] if two.get("dense_shared_memory_seconds") else None
+    if shared is not None:
+        text += (f" Ours all-reduces only the used rows of the word-embedding table, and adds the other gradients in "
+                 f"shared memory: {shared:.3f} s a step, where gloo took {two['dense_gloo_seconds']['median']:.3f} s "
+                 f"for as many values.")
     text += (" If other processes compete for the cores, 2 workers take a larger share of them than 1 does, "
              "which inflates the speed-up: measure on a quiet machine.")
     return text

@@ -133,6 +133,10 @@ class TrainConfig:
         "On CPU with several workers, all-reduce only the rows of the word-embedding gradient that some "
         "worker's batch used (the other rows are zero on every worker) instead of the whole table, which is "
         "almost half of m3e-small's gradients; same gradients, less gloo traffic (pipeline/dist.py).", True)
+    shared_memory_all_reduce: bool = _doc(
+        "On CPU in float32 with several workers on one machine, add the gradients in a shared file in /dev/shm "
+        "instead of DataParallel's gloo all-reduce over TCP (pipeline/shared_memory_sync.py); the same sums "
+        "with two workers. Workers on several machines, or without room in /dev/shm, keep gloo.", True)
     max_bad_steps: int = _doc(
         "A step whose loss or gradients are NaN/Inf is skipped (no update) and counted; this many such steps "
         "in a row stop the run with an error naming the step and the last good checkpoint.", 10)

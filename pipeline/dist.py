@@ -131,9 +131,18 @@ def shutdown() -> None:
         destroy()
 
 
-def wrap_for_training(model: paddle.nn.Layer) -> paddle.nn.Layer:
-    """``paddle.DataParallel`` around the model when there are several workers."""
-    return paddle.DataParallel(model) if is_initialized() else model
+def wrap_for_training(model: paddle.nn.Layer, data_parallel: bool = True) -> paddle.nn.Layer:
+    """``paddle.DataParallel`` around the model when there are several workers.
+
+    ``data_parallel=False``: the caller all-reduces the gradients itself (``pipeline.shared_memory_sync``);
+    the model is returned as it is, after the broadcast of rank 0's weights that DataParallel would do.
+    """
+    if not is_initialized():
+        return model
+    if not data_parallel:
+        broadcast_parameters(model)
+        return model
+    return paddle.DataParallel(model)
 
 
 class EmbeddingRowSync:

@@ -37,6 +37,7 @@ from .labeller import TokenLabeller
 from .dropout_masks import install_dropout_masks_from_integers, uninstall_from_attention
 from .linear_grad import install_matmul_bias_grad
 from .native_layer_norm import install_native_layer_norm
+from .shared_memory_sync import shared_memory_gradient_sync
 from .loader import build_train_loader
 from .metrics import SCORE_KEYS
 from .models import token_logits
@@ -159,6 +160,7 @@ class Trainer:
         self.stopped_early = False
         self.bad_in_a_row = 0  # NaN/Inf steps in a row that the loss scaler does not explain
         self.step_loss = None
+        self.gradient_sync = None  # set in _prepare: the shared-memory all-reduce, where it applies
         self.save_timer = SaveTimer(config.save_minutes)
 
     # ------------------------------------------------------------ the loop
@@ -184,6 +186,8 @@ class Trainer:
                 if stop or self.progress.step >= self.plan.total_steps:
                     break
         self.bar.close()
+        if self.gradient_sync is not None:
+            self.gradient_sync.close()
         if self.stopped_early and self.is_main:
             logger.info("early stopping at step %d: %d evaluations without improvement", self.progress.step,
                         self.progress.evals_without_gain)
@@ -241,7 +245,10 @@ class Trainer:
         self.model, self.optimizer = self.amp.decorate(self.model, self.optimizer)
         # Before DataParallel is built: it takes the table out of DataParallel's all-reduce.
         self.embedding_sync = dist.embedding_row_sync(self.model, config.embedding_grad_rows, on_gpu())
-        self.wrapped = dist.wrap_for_training(LossOfBatch(self.model, self.amp, config.to_static))
+        # After the row sync has marked its table no_sync; in place of DataParallel's all-reduce when it applies.
+        self.gradient_sync = shared_memory_gradient_sync(self.model, config.shared_memory_all_reduce, cpu_float32)
+        self.wrapped = dist.wrap_for_training(LossOfBatch(self.model, self.amp, config.to_static),
+                                              data_parallel=self.gradient_sync is None)
         self.wrapped.train()
         self.run_log = RunLog(self.output_dir, self.is_main, config.use_vdl)
         if source is not None:
@@ -308,6 +315,8 @@ class Trainer:
             self.embedding_sync.note_ids(input_ids)
             if boundary:
                 self.embedding_sync.all_reduce()
+        if boundary and self.gradient_sync is not None:
+            self.gradient_sync.all_reduce()
         # The accumulation group's loss, on the device: read only when the loss scaler skips the step.
         self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
         self.stats.add(loss.detach(), (input_ids != self.aligner.pad_id).astype("int64").sum(), input_ids.size)

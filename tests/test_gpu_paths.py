@@ -159,7 +159,7 @@ def test_cpu_stays_cpu_thread_and_malloc_settings_follow_the_device_found(monkey
 
 
 @pytest.mark.parametrize("simulated_gpu", [False, True])
-def test_cpu_stays_cpu_matmul_bias_grad_dropout_masks_and_layer_norm_follow_the_device_in_use(
+def test_cpu_stays_cpu_matmul_bias_grad_dropout_masks_layer_norm_and_shared_memory_follow_the_device(
         tiny_model_dir, tiny_dataset_dir, tmp_path, monkeypatch, simulated_gpu):
     import pipeline.trainer as trainer_module
 
@@ -171,9 +171,14 @@ def test_cpu_stays_cpu_matmul_bias_grad_dropout_masks_and_layer_norm_follow_the_
     monkeypatch.setattr(trainer_module, "uninstall_from_attention", lambda: restored.append(True))
     # Our C++ layer norm is a CPU kernel: on a GPU the model keeps Paddle's.
     monkeypatch.setattr(trainer_module, "install_native_layer_norm", layer_norms.append)
+    # GPU workers keep DataParallel (NCCL): the shared-memory all-reduce is told it is not CPU float32.
+    shared_memory = []
+    monkeypatch.setattr(trainer_module, "shared_memory_gradient_sync",
+                        lambda model, enabled, cpu_float32: shared_memory.append((enabled, cpu_float32)))
     trainer = make_trainer(tiny_model_dir, tiny_dataset_dir, tmp_path, to_static=False, use_gpu="auto")
     trainer._prepare()
     assert len(installed) == len(dropout_masks) == len(layer_norms) == (0 if simulated_gpu else 1)
+    assert shared_memory == [(True, not simulated_gpu)]
     assert restored == ([True] if simulated_gpu else [])
 
 

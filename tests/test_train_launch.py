@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +200,28 @@ def test_two_workers_train_the_same_weights_when_only_the_used_embedding_rows_ar
     assert "all-reduced by the rows the batches used" in logs[True]
     assert "all-reduced by the rows" not in logs[False]
     assert digests[True] == digests[False]
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_same_weights_adding_gradients_in_shared_memory_as_over_gloo(
+        tiny_model_dir, tiny_dataset_dir, tmp_path):
+    # pipeline.shared_memory_sync against DataParallel's gloo all-reduce, with gradient accumulation
+    # and the row-wise embedding sync beside it (the table is the one parameter it leaves out).
+    digests, logs = {}, {}
+    for shared in (False, True):
+        out_dir, log_dir = tmp_path / f"shared-{shared}", tmp_path / f"logs-{shared}"
+        run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
+             "train_dist.py", *overrides(tiny_model_dir, tiny_dataset_dir, out_dir, shared_memory_all_reduce=shared,
+                                         batch_size=4, grad_accum_steps=2, do_test=False)], log_hint=log_dir)
+        logs[shared] = (log_dir / "workerlog.0").read_text()
+        digests[shared] = {line.split()[-1] for rank in (0, 1) for line in
+                           (log_dir / f"workerlog.{rank}").read_text().splitlines() if "final weights sha256" in line}
+        assert len(digests[shared]) == 1, f"shared_memory_all_reduce={shared}: the ranks' weights differ"
+    assert "gradient values in shared memory" in logs[True] and "shared memory" not in logs[False]
+    assert digests[True] == digests[False]
+    # The file was removed once both workers had mapped it: nothing of this run is left in /dev/shm.
+    files = re.findall(r"(/\S+/nerpipe-gradients-[\w-]+)", logs[True])
+    assert files and not any(Path(name).exists() for name in files)
 
 
 @pytest.mark.slow
