@@ -212,31 +212,27 @@ def child_ours(args) -> dict:
     if dist.get_world_size() > 1 and args.allreduce_reps > 0:
         import paddle.distributed as pdist
 
-        grads = paddle.ones([result["model"]["parameters"]], dtype="float32")
-        times = []
-        for _ in range(args.allreduce_reps + 1):
-            dist.barrier()
-            start = time.perf_counter()
-            pdist.all_reduce(grads)
-            float(grads[0])
-            times.append(time.perf_counter() - start)
-        result["allreduce_seconds"] = times[1:]  # the first one sets up buffers
-        sync = trainer.gradient_sync  # pipeline.shared_memory_sync, where the run used it
-        if sync is not None:
-            gloo, shared = [], []
-            dense = paddle.ones([sync.values], dtype="float32")
+        def timed(call) -> list[float]:
+            """Seconds of ``call`` after a barrier, each of --allreduce-reps times; the first call, which sets
+            up buffers, is left out."""
+            times = []
             for _ in range(args.allreduce_reps + 1):
                 dist.barrier()
                 start = time.perf_counter()
-                pdist.all_reduce(dense)
-                float(dense[0])
-                gloo.append(time.perf_counter() - start)
-                dist.barrier()
-                start = time.perf_counter()
-                sync.all_reduce()
-                shared.append(time.perf_counter() - start)
+                call()
+                times.append(time.perf_counter() - start)
+            return times[1:]
+
+        def gloo_all_reduce(values: int):
+            grads = paddle.ones([values], dtype="float32")
+            return lambda: (pdist.all_reduce(grads), float(grads[0]))
+
+        result["allreduce_seconds"] = timed(gloo_all_reduce(result["model"]["parameters"]))
+        sync = trainer.gradient_sync  # pipeline.shared_memory_sync, where the run used it
+        if sync is not None:
             result["dense_gradient_values"] = sync.values
-            result["dense_allreduce_seconds"] = {"gloo": gloo[1:], "shared_memory": shared[1:]}
+            result["dense_allreduce_seconds"] = {"gloo": timed(gloo_all_reduce(sync.values)),
+                                                 "shared_memory": timed(sync.all_reduce)}
     dist.shutdown()
     return result
 

@@ -182,24 +182,30 @@ def test_the_row_sync_averages_the_used_rows_and_joins_the_collective_without_a_
     assert len(sent) == 2
 
 
+def two_workers_with(model_dir, data_dir, run_dir: Path, **setting) -> tuple[str, str]:
+    """Rank 0's log and the final weights' sha256 of a two-worker run of the tiny model with gradient
+    accumulation (two micro-batches per rank per step) and ``setting``; both ranks must end equal."""
+    (key, value), = setting.items()
+    out_dir, log_dir = run_dir / f"{key}-{value}", run_dir / f"logs-{key}-{value}"
+    run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
+         "train_dist.py", *overrides(model_dir, data_dir, out_dir, batch_size=4, grad_accum_steps=2, do_test=False,
+                                     **setting)], log_hint=log_dir)
+    digests = {line.split()[-1] for rank in (0, 1) for line in
+               (log_dir / f"workerlog.{rank}").read_text().splitlines() if "final weights sha256" in line}
+    assert len(digests) == 1, f"{key}={value}: the ranks' weights differ"
+    return (log_dir / "workerlog.0").read_text(), digests.pop()
+
+
 @pytest.mark.slow
 def test_two_workers_train_the_same_weights_when_only_the_used_embedding_rows_are_all_reduced(
         tiny_model_dir, tiny_dataset_dir, tmp_path):
-    # DataParallel's dense all-reduce of the whole table against pipeline.dist.EmbeddingRowSync, with
-    # gradient accumulation, so that the used rows of two micro-batches per rank must be merged.
-    digests, logs = {}, {}
-    for rows in (False, True):
-        out_dir, log_dir = tmp_path / f"rows-{rows}", tmp_path / f"logs-{rows}"
-        run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
-             "train_dist.py", *overrides(tiny_model_dir, tiny_dataset_dir, out_dir, embedding_grad_rows=rows,
-                                         batch_size=4, grad_accum_steps=2, do_test=False)], log_hint=log_dir)
-        logs[rows] = (log_dir / "workerlog.0").read_text()
-        digests[rows] = {line.split()[-1] for rank in (0, 1) for line in
-                         (log_dir / f"workerlog.{rank}").read_text().splitlines() if "final weights sha256" in line}
-        assert len(digests[rows]) == 1, f"embedding_grad_rows={rows}: the ranks' weights differ"
-    assert "all-reduced by the rows the batches used" in logs[True]
-    assert "all-reduced by the rows" not in logs[False]
-    assert digests[True] == digests[False]
+    # The dense all-reduce of the whole table against pipeline.dist.EmbeddingRowSync, with gradient
+    # accumulation, so that the used rows of two micro-batches per rank must be merged.
+    (dense_log, dense), (rows_log, rows) = (two_workers_with(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                             embedding_grad_rows=value) for value in (False, True))
+    assert "all-reduced by the rows the batches used" in rows_log
+    assert "all-reduced by the rows" not in dense_log
+    assert rows == dense
 
 
 @pytest.mark.slow
@@ -207,20 +213,13 @@ def test_two_workers_train_the_same_weights_adding_gradients_in_shared_memory_as
         tiny_model_dir, tiny_dataset_dir, tmp_path):
     # pipeline.shared_memory_sync against DataParallel's gloo all-reduce, with gradient accumulation
     # and the row-wise embedding sync beside it (the table is the one parameter it leaves out).
-    digests, logs = {}, {}
-    for shared in (False, True):
-        out_dir, log_dir = tmp_path / f"shared-{shared}", tmp_path / f"logs-{shared}"
-        run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
-             "train_dist.py", *overrides(tiny_model_dir, tiny_dataset_dir, out_dir, shared_memory_all_reduce=shared,
-                                         batch_size=4, grad_accum_steps=2, do_test=False)], log_hint=log_dir)
-        logs[shared] = (log_dir / "workerlog.0").read_text()
-        digests[shared] = {line.split()[-1] for rank in (0, 1) for line in
-                           (log_dir / f"workerlog.{rank}").read_text().splitlines() if "final weights sha256" in line}
-        assert len(digests[shared]) == 1, f"shared_memory_all_reduce={shared}: the ranks' weights differ"
-    assert "gradient values in shared memory" in logs[True] and "shared memory" not in logs[False]
-    assert digests[True] == digests[False]
+    (gloo_log, gloo), (shared_log, shared) = (two_workers_with(tiny_model_dir, tiny_dataset_dir, tmp_path,
+                                                               shared_memory_all_reduce=value)
+                                              for value in (False, True))
+    assert "gradient values in shared memory" in shared_log and "shared memory" not in gloo_log
+    assert shared == gloo
     # The file was removed once both workers had mapped it: nothing of this run is left in /dev/shm.
-    files = re.findall(r"(/\S+/nerpipe-gradients-[\w-]+)", logs[True])
+    files = re.findall(r"(/\S+/nerpipe-gradients-[\w-]+)", shared_log)
     assert files and not any(Path(name).exists() for name in files)
 
 
